@@ -1,0 +1,34 @@
+# `make figures` regenerates every figure of the report (quick profile unless PROFILE=full);
+# `make test` runs the tests. Both create .venv and install everything on first use.
+PROFILE ?= quick
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Data (CIFAR-10 JPEGs) is looked for in HW3_DATA_DIR; default: ../shared/data when it exists, else data/.
+HW3_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
+export HW3_DATA_DIR
+
+.PHONY: figures test lint notebook setup clean-cache
+
+$(VENV)/.installed: requirements.txt requirements-offline.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+figures: $(VENV)/.installed
+	$(PY) -m common.run_notebooks --profile $(PROFILE)
+
+# make notebook NB=2_1  (runs one notebook headless)
+notebook: $(VENV)/.installed
+	$(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,32 @@
+"""Config dataclasses with per-profile presets and strict overrides.
+
+Each task defines a dataclass and a dict `{profile: {field: value}}` of presets; `make_config` merges the
+preset of the chosen profile with user overrides and rejects keys the dataclass does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from common.profile import get_profile
+
+C = TypeVar("C")
+
+
+def make_config(cls: type[C], presets: dict[str, dict[str, Any]], profile: str | None = None, **overrides: Any) -> C:
+    """Build `cls` from the preset of `profile` (default: $HW3_PROFILE or quick) updated with `overrides`."""
+    profile = get_profile(profile)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    if profile not in presets:
+        raise ValueError(f"{cls.__name__} has no preset for profile {profile!r}; presets: {sorted(presets)}")
+    return cls(**{**presets[profile], **overrides})
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless `condition`: for the validation in configs' __post_init__."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,113 @@
+"""Figures: loss curves from metric rows, image grids from tensors, markdown tables. No torchvision needed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def plot_curves(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+    logy: bool = False,
+) -> Path:
+    """Plot named (x, y) series on one axis and save a PNG. `title` should name the profile."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in series.items():
+        ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None, markersize=3)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """(N, C, H, W) images in [0, 1] -> (H', W', 3) uint8 array with `nrow` images per row."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"make_grid expects (N, 1|3, H, W) images, got shape {tuple(images.shape)}")
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = torch.full((3, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
+    """Save (N, C, H, W) images in [0, 1] as one PNG grid, optionally upscaled by an integer `scale`."""
+    image = Image.fromarray(make_grid(images, nrow=nrow))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def save_labeled_grids(
+    panels: dict[str, torch.Tensor],
+    path: str | Path,
+    title: str,
+    nrow: int = 8,
+    row_labels: Sequence[str] | None = None,
+) -> Path:
+    """Several image grids side by side, each with a heading (e.g. inputs | reconstructions | samples)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, images) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(make_grid(images, nrow=nrow), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if row_labels is not None and ax is axes[0][0]:
+            h = images.shape[-2] + 2
+            ax.set_yticks([2 + h * i + h / 2 for i in range(len(row_labels))], list(row_labels), fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfmt: str = ".4g") -> str:
+    """Render dict rows as a GitHub markdown table; also write it to `path` when given."""
+    if not rows:
+        raise ValueError("markdown_table needs at least one row")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(value: object) -> str:
+        return format(value, floatfmt) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return text

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from common import make_config
+from common.data import batch_indices
+from common.ema import EMA
+from common.logging import read_csv
+from common.plotting import make_grid, markdown_table
+from common.trainer import Trainer, warmup_cosine
+
+
+def _fit(run_dir, steps, resume=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Linear(16, 1))  # dropout: RNG state matters
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = warmup_cosine(opt, warmup_steps=2, total_steps=10)
+    ema = EMA(model, decay=0.9)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(1, keepdim=True)
+    trainer = Trainer(run_dir, {"model": model}, {"model": opt}, steps=steps, schedulers={"model": sched},
+                      ema={"model": ema}, ckpt_interval=5, progress=False)
+
+    def step_fn(step):
+        idx = batch_indices(len(x), 8, step, seed=0)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss.backward()
+        trainer.optimizer_step("model")
+        return {"loss": loss.item()}
+
+    def eval_fn(step):
+        return {"val_loss": nn.functional.mse_loss(model(x), y).item()}
+
+    trainer.fit(step_fn, eval_fn, resume=resume)
+    return trainer, model, ema
+
+
+def test_trainer_lowers_loss_and_logs(tmp_path):
+    trainer, _, _ = _fit(tmp_path, steps=10)
+    rows = read_csv(tmp_path / "train.csv")
+    assert len(rows) == 10 and {"loss", "lr", "step_time"} <= set(rows[0])
+    evals = read_csv(tmp_path / "eval.csv")
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 10
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    _, straight, straight_ema = _fit(tmp_path / "a", steps=10)
+    _fit(tmp_path / "b", steps=5)  # stops after the checkpoint at step 5
+    trainer, resumed, resumed_ema = _fit(tmp_path / "b", steps=10, resume=True)
+    assert trainer.step == 10
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for p, q in zip(straight_ema.shadow.parameters(), resumed_ema.shadow.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert [r["loss"] for r in read_csv(tmp_path / "a" / "train.csv")] == [
+        r["loss"] for r in read_csv(tmp_path / "b" / "train.csv")
+    ]
+
+
+def test_make_config_rejects_unknown_keys():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        lr: float = 1e-3
+
+    presets = {"smoke": {}, "quick": {"lr": 1e-2}, "full": {}}
+    assert make_config(Cfg, presets, "quick").lr == 1e-2
+    assert make_config(Cfg, presets, "quick", lr=5.0).lr == 5.0
+    with pytest.raises(ValueError, match="unknown config key.*'lrr'"):
+        make_config(Cfg, presets, "quick", lrr=1)
+    with pytest.raises(ValueError, match="unknown profile"):
+        make_config(Cfg, presets, "fast")
+
+
+def test_batch_indices_cover_an_epoch_without_repeats():
+    seen = torch.cat([batch_indices(10, 3, s, seed=4) for s in range(3)])
+    assert len(set(seen.tolist())) == 9
+    assert torch.equal(batch_indices(10, 3, 7, seed=4), batch_indices(10, 3, 7, seed=4))
+    with pytest.raises(ValueError):
+        batch_indices(2, 3, 0)
+
+
+def test_grid_and_table():
+    grid = make_grid(torch.rand(5, 1, 4, 4), nrow=3, padding=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype.name == "uint8"
+    with pytest.raises(ValueError, match="shape"):
+        make_grid(torch.rand(4, 4))
+    assert markdown_table([{"a": 1, "b": 0.5}]).splitlines()[2] == "| 1 | 0.5 |"
