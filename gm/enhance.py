@@ -1,0 +1,279 @@
+"""Task 2.4: measured enhancements of the latent diffusion model of task 2.3.
+
+Every experiment samples the same labels from the same start noise (one seed) and measures the images with the
+2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy, the classifier-feature Frechet distance to real
+test images, and wall time. Each runner returns table rows (dicts, for `common.plotting.markdown_table`): first
+the reference rows of `evaluate_ldm` (real test images, their VAE reconstructions; not timed), then one timed row
+per sampled setting.
+
+- `step_sweep`: DDIM with 10 ... 1000 steps, deterministic (eta = 0) and stochastic (eta = 1), and ancestral DDPM
+  with all T steps -> a quality-vs-time curve;
+- `guidance_sweep`: classifier-free guidance scale w (0 = unconditional, 1 = conditional model);
+- `weights_comparison`: EMA weights vs raw weights of the same run;
+- `variant_comparison`: the 2.3 model against retrained variants (`VARIANTS`: cosine schedule, v-prediction, both)
+  with the same training budget (steps, batch size, learning rate, seed, VAE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from common import get_profile, make_config
+from common.config import check
+from common.plotting import markdown_table
+from gm.data import DATASETS
+from gm.diffusion import GaussianDiffusion
+from gm.eval import Classifier
+from gm.ldm import LDMRun, evaluate_ldm, ldm_config, train_ldm
+
+# Retrained variants of the 2.3 model: name -> LDMConfig overrides (everything else, budget included, unchanged).
+VARIANTS = {
+    "cosine schedule": {"schedule": "cosine"},
+    "v-prediction": {"prediction": "v"},
+    # The cosine schedule ends at abar_T ~ 2e-9, where eps-prediction's x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+    # multiplies any eps error by 1/sqrt(abar) ~ 2e4; v-prediction's x0 = sqrt(abar) x_t - sqrt(1 - abar) v does not.
+    "cosine + v-prediction": {"schedule": "cosine", "prediction": "v"},
+}
+METRICS = ("cond. accuracy", "feature FD")
+
+
+@dataclass
+class EnhanceConfig:
+    dataset: str = "mnist"
+    samples_per_class: int = 10  # generated images per class in every measurement
+    ddim_steps: tuple[int, ...] = (10, 20, 50, 100, 1000)
+    ddim_etas: tuple[float, ...] = (0.0, 1.0)  # DDIM noise levels of the step sweep (0: deterministic, 1: DDPM-like)
+    ddpm: bool = True  # add the ancestral DDPM sampler (all T steps) to the step sweep
+    guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    compare_steps: int = 50  # DDIM steps of the guidance, EMA and variant comparisons
+    # DDIM eta of those comparisons: 1 (stochastic), because the step sweep of the quick profile found eta = 1 far
+    # better than eta = 0 at every step count with guidance 4.
+    compare_eta: float = 1.0
+    guidance_scale: float | None = None  # of the step sweep, EMA and variant comparisons (None: the 2.3 setting)
+    variants: tuple[str, ...] = ("cosine schedule",)
+    seed: int = 0
+    profile: str = "quick"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.ddim_steps, self.ddim_etas = tuple(self.ddim_steps), tuple(self.ddim_etas)
+        self.guidance_scales, self.variants = tuple(self.guidance_scales), tuple(self.variants)
+        check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check(self.samples_per_class >= 2, f"samples_per_class must be >= 2, got {self.samples_per_class}")
+        check(all(s >= 1 for s in (*self.ddim_steps, self.compare_steps)), "DDIM step counts must be >= 1")
+        check(all(w >= 0 for w in (*self.guidance_scales, self.guidance_scale or 0)), "guidance scales must be >= 0")
+        check(bool(self.ddim_etas) and all(eta >= 0 for eta in (*self.ddim_etas, self.compare_eta)),
+              "ddim_etas and compare_eta must be >= 0")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        check(not unknown, f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+
+
+PRESETS = {
+    "smoke": dict(profile="smoke", samples_per_class=2, ddim_steps=(2, 5), ddim_etas=(0.0,), ddpm=False,
+                  guidance_scales=(0.0, 1.0, 2.0), compare_steps=5),
+    # 2-core CPU, a few minutes: 80 images per measurement (as in 2.3's quick table), one retrained variant.
+    "quick": dict(profile="quick", samples_per_class=8, ddim_steps=(10, 20, 50, 100),
+                  guidance_scales=(0.0, 1.0, 2.0, 4.0, 6.0), variants=("cosine schedule", "cosine + v-prediction")),
+    "full": dict(profile="full", samples_per_class=100, ddim_steps=(10, 20, 50, 100, 250, 1000),
+                 guidance_scales=(0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), variants=tuple(VARIANTS)),
+}
+
+
+def enhance_config(profile: str | None = None, **overrides) -> EnhanceConfig:
+    """The preset of `profile` (default $HW3_PROFILE), with overrides (unknown keys are rejected)."""
+    return make_config(EnhanceConfig, PRESETS, get_profile(profile), **overrides)
+
+
+def load_baseline(cfg: EnhanceConfig) -> LDMRun:
+    """The 2.3 latent diffusion model of the profile: loaded from its checkpoint (notebook 2_3), trained if missing."""
+    return train_ldm(ldm_config(cfg.dataset, cfg.profile, progress=cfg.progress))
+
+
+# ------------------------------------------------------------------------------------------------- experiments
+
+
+def _measure(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig, samplers: dict[str, dict],
+             use_ema: bool = True, fig_prefix: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+    """`evaluate_ldm` with the experiment's sample count, seed and guidance: (reference rows (real test images,
+    their VAE reconstructions), one row per sampler in the order of `samplers`)."""
+    run = dataclasses.replace(run, config=dataclasses.replace(run.config, samples_per_class=cfg.samples_per_class,
+                                                              progress=cfg.progress))
+    if cfg.guidance_scale is not None:
+        samplers = {name: {"guidance_scale": cfg.guidance_scale, **kwargs} for name, kwargs in samplers.items()}
+    rows = evaluate_ldm(run, classifier, samplers, fig_prefix=fig_prefix, use_ema=use_ema, seed=cfg.seed)
+    references, samples = rows[: -len(samplers)], rows[-len(samplers):]
+    if len(samples) == 1:
+        del samples[0]["speed-up"]  # relative to itself
+    return references, samples
+
+
+def _ddim(steps: int, eta: float, **kwargs) -> dict:
+    return {"sampler": "ddim", "steps": steps, "eta": eta, **kwargs}
+
+
+def step_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig) -> list[dict]:
+    """Quality vs sampling time: DDPM (all T steps; first, so "speed-up" is relative to it), then DDIM with each
+    of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`. Rows: the references, then one per
+    sampler with "steps" and (DDIM) "eta" columns."""
+    samplers = {"ddpm": {"sampler": "ddpm"}} if cfg.ddpm else {}
+    samplers |= {f"ddim{s}_eta{eta:g}": _ddim(s, eta=eta) for eta in cfg.ddim_etas for s in cfg.ddim_steps}
+    references, samples = _measure(run, classifier, cfg, samplers)
+    for row, kwargs in zip(samples, samplers.values(), strict=True):
+        row["steps"] = kwargs.get("steps", run.config.timesteps)
+        if "eta" in kwargs:
+            row["eta"] = kwargs["eta"]
+    return references + samples
+
+
+def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
+                   fig_prefix: str | Path | None = None) -> list[dict]:
+    """Classifier-free guidance eps_u + w (eps_c - eps_u) for each w in `cfg.guidance_scales`, DDIM with
+    `cfg.compare_steps` steps and noise `cfg.compare_eta`. With `fig_prefix`, a class grid per scale:
+    `{fig_prefix}_w{w:g}.png`."""
+    samplers = {f"w{w:g}": _ddim(cfg.compare_steps, cfg.compare_eta, guidance_scale=w) for w in cfg.guidance_scales}
+    references, samples = _measure(run, classifier, cfg, samplers, fig_prefix=fig_prefix)
+    return references + samples
+
+
+def weights_comparison(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig) -> list[dict]:
+    """The same run sampled with its EMA weights and with its raw (last-step) weights, plus the final
+    fixed-noise validation loss of each. Rows: the references, EMA, raw."""
+    last_eval = run.eval_rows[-1] if run.eval_rows else {}
+    rows = []
+    for use_ema, label, loss_key in ((True, "EMA", "val_loss_ema"), (False, "raw", "val_loss")):
+        sampler = {"ddim": _ddim(cfg.compare_steps, cfg.compare_eta)}
+        references, (sample,) = _measure(run, classifier, cfg, sampler, use_ema=use_ema)
+        rows = rows or [{"weights": "-", **r} for r in references]
+        rows.append({"weights": label, **sample, "val. loss": last_eval.get(loss_key, math.nan)})
+    return rows
+
+
+def train_variant(run: LDMRun, name: str, progress: bool = True) -> LDMRun:
+    """`run`'s model retrained with the overrides of VARIANTS[name] and otherwise the same config (the same
+    budget, data, VAE and seed). Cached like any LDM run: a finished variant is only loaded."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    return train_ldm(dataclasses.replace(run.config, progress=progress, **VARIANTS[name]), vae=run.vae)
+
+
+def training_seconds(run: LDMRun) -> float:
+    """Wall time of the training steps of a run (sum of the logged step times)."""
+    return sum(r.get("step_time", 0.0) for r in run.train_rows)
+
+
+def variant_comparison(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
+                       fig_prefix: str | Path | None = None) -> list[dict]:
+    """The 2.3 model against each variant of `cfg.variants`, trained with the same budget and sampled identically
+    (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.ddim_etas`. Rows: the references, then
+    one per (model, eta). With `fig_prefix`, class grids `{fig_prefix}_{model}_eta{eta}.png`."""
+    runs = {"2.3 model": run} | {name: train_variant(run, name, cfg.progress) for name in cfg.variants}
+    rows = []
+    for name, r in runs.items():
+        prefix = None if fig_prefix is None else f"{fig_prefix}_{name.replace(' ', '_')}"
+        samplers = {f"eta{eta:g}": _ddim(cfg.compare_steps, eta) for eta in cfg.ddim_etas}
+        references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix)
+        rows = rows or [{"model": "-", **row} for row in references]
+        for sample, kwargs in zip(samples, samplers.values(), strict=True):
+            sample.pop("speed-up", None)
+            rows.append({"model": name, "schedule": r.config.schedule, "prediction": r.config.prediction,
+                         "train steps": r.config.steps, "train seconds": training_seconds(r), "eta": kwargs["eta"],
+                         **sample})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def save_table(rows: Sequence[dict], path: str | Path, caption: str) -> str:
+    """Write `caption` and the markdown table of `rows` to `path` (for the report); returns the text."""
+    text = f"{caption}\n\n{markdown_table(rows)}"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(reference rows, sample rows) of an experiment table: only sample rows were timed."""
+    return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
+
+
+def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, title: str, xlabel: str,
+                  references: Sequence[dict] = (), logx: bool = False, annotate: str | None = None) -> Path:
+    """Conditional accuracy and feature FD (two panels) against row key `x` for each named list of rows.
+    `references` (real images, VAE reconstructions) are drawn as horizontal lines; `annotate`: a row key written
+    next to each point."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for label, rows in curves.items():
+            xs, ys = [r[x] for r in rows], [r[metric] for r in rows]
+            ax.plot(xs, ys, marker="o", label=label)
+            if annotate:
+                for r, xv, yv in zip(rows, xs, ys, strict=True):
+                    ax.annotate(f"{r[annotate]:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for ref, style in zip(references, ("--", ":", "-."), strict=False):
+            ax.axhline(ref[metric], color="gray", linestyle=style, label=ref["images from"])
+        ax.set(xlabel=xlabel, ylabel=metric + (" (higher is better)" if metric == METRICS[0] else " (lower is better)"))
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_step_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """The step sweep as quality vs sampling seconds (log), points labelled with their step count."""
+    references, samples = _split(rows)
+    etas = dict.fromkeys(r["eta"] for r in samples if "eta" in r)
+    curves = {f"DDIM (eta = {eta:g})": [r for r in samples if r.get("eta") == eta] for eta in etas}
+    ddpm = [r for r in samples if r["images from"].startswith("DDPM")]
+    curves |= {"DDPM (ancestral)": ddpm} if ddpm else {}
+    return plot_tradeoff(curves, "seconds", path, title, "sampling seconds (log scale)", references, logx=True,
+                         annotate="steps")
+
+
+def plot_guidance_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
+    """The guidance sweep: quality against the guidance scale w."""
+    references, samples = _split(rows)
+    return plot_tradeoff({samples[0]["images from"]: samples}, "guidance", path, title, "guidance scale w",
+                         references)
+
+
+def log_snr(diffusion: GaussianDiffusion) -> torch.Tensor:
+    """(T,) log signal-to-noise ratio log(abar_t / (1 - abar_t)) of a schedule."""
+    abar = diffusion.alphas_cumprod.double()
+    return (abar / (1 - abar)).log()
+
+
+def plot_schedules(path: str | Path, title: str, timesteps: int = 1000) -> Path:
+    """abar_t and log SNR of the linear and cosine schedules (the cosine one destroys information more evenly)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    t = torch.arange(timesteps)
+    for schedule in ("linear", "cosine"):
+        diffusion = GaussianDiffusion(timesteps, schedule=schedule)
+        axes[0].plot(t, diffusion.alphas_cumprod, label=schedule)
+        axes[1].plot(t, log_snr(diffusion), label=schedule)
+    axes[0].set(xlabel="t", ylabel=r"$\bar\alpha_t$")
+    axes[1].set(xlabel="t", ylabel=r"log SNR $= \log \bar\alpha_t / (1 - \bar\alpha_t)$")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

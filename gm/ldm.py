@@ -1,0 +1,342 @@
+"""Class-conditional latent diffusion (task 2.3): a UNet denoiser trained with the DDPM loss on VAE latents.
+
+Pipeline: encode the data set once with the frozen VAE of task 2.1 (posterior means, cached per VAE weights),
+normalise the latents per channel (mean/std are buffers of `LatentDiffusion`, so they travel with the
+checkpoint), train the UNet with `common.trainer.Trainer` (EMA of the weights, label dropout for classifier-free
+guidance), sample latents with DDPM or DDIM and decode them with the VAE decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from common import cache_dir, checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common.config import check
+from common.data import batch_indices
+from common.ema import EMA
+from common.plotting import plot_curves, save_labeled_grids
+from common.trainer import Trainer, warmup_cosine
+from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset
+from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
+from gm.eval import Classifier, accuracy, frechet_distance, predict, subset_indices, timed
+from gm.model import VAE
+from gm.train import load_or_train_vae
+from gm.unet import UNet
+
+NUM_CLASSES = 10
+CLASS_NAMES = {"mnist": tuple(str(i) for i in range(10)), "cifar10": CIFAR10_CLASSES}
+
+
+@dataclass
+class LDMConfig:
+    dataset: str = "mnist"
+    # diffusion
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    schedule: str = "linear"
+    prediction: str = "eps"
+    # denoiser
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention: bool = True
+    dropout: float = 0.0
+    class_dropout: float = 0.1  # probability of training on the null label (classifier-free guidance)
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    max_train: int | None = None  # training images encoded (None: all)
+    # evaluation during training and sampling for the report
+    eval_interval: int = 250
+    eval_size: int = 512  # test latents for the validation loss
+    samples_per_class: int = 10  # generated images per class for accuracy, distance and the grids
+    reference_size: int = 1000  # real test images the samples are compared with
+    ddim_steps: int = 50
+    guidance_scale: float = 1.0  # classifier-free guidance w of the report's samples (1 = the conditional model)
+    seed: int = 0
+    bf16: bool = False
+    device: str | None = None
+    vae_profile: str | None = None  # profile of the VAE to encode with (default: this profile)
+    profile: str = "quick"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        check(self.steps > 0 and self.batch_size > 0 and self.lr > 0, "steps, batch_size and lr must be positive")
+        check(0 <= self.class_dropout < 1, f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        check(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check(self.max_train is None or self.max_train >= self.batch_size, "max_train must be >= batch_size")
+        check(self.samples_per_class >= 1 and self.reference_size >= 2, "need samples_per_class >= 1 and "
+              "reference_size >= 2")
+        check(1 <= self.ddim_steps <= self.timesteps, f"ddim_steps must be in [1, {self.timesteps}]")
+
+    def run_name(self, vae_digest: str) -> str:
+        """Unique per training-relevant settings and VAE weights (sampling/bookkeeping fields excluded)."""
+        skip = {"progress", "device", "samples_per_class", "reference_size", "ddim_steps", "guidance_scale"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.dataset}_{self.profile}_{digest}_vae{vae_digest[:8]}"
+
+
+PRESETS = {
+    "smoke": dict(profile="smoke", steps=4, batch_size=16, base_channels=8, attention=False, warmup_steps=1,
+                  timesteps=100, max_train=256, eval_interval=0, eval_size=32, samples_per_class=2, reference_size=32,
+                  ddim_steps=10, ema_decay=0.9),
+    # 2-core CPU: a few minutes per data set; short run, so a fast EMA.
+    # Guidance 4: on MNIST quick, DDIM-50 conditional accuracy was 55% / 87% / 93% at w = 1 / 2 / 4 (dev run).
+    "quick": dict(profile="quick", steps=800, batch_size=64, base_channels=32, lr=2e-3, warmup_steps=50,
+                  max_train=20_000, eval_interval=200, eval_size=512, samples_per_class=6, reference_size=1000,
+                  ddim_steps=50, ema_decay=0.99, guidance_scale=4.0),
+    # GPU: the homework's scale (not run here: no GPU).
+    "full": dict(profile="full", steps=50_000, batch_size=256, base_channels=128, channel_mults=(1, 2, 2),
+                 num_res_blocks=2, dropout=0.1, lr=2e-4, warmup_steps=1000, eval_interval=2500, eval_size=2000,
+                 samples_per_class=100, reference_size=10_000, ema_decay=0.9999, guidance_scale=2.0),
+}
+
+
+def ldm_config(dataset: str, profile: str | None = None, **overrides) -> LDMConfig:
+    """The preset of `profile` (default $HW3_PROFILE) for `dataset`, with overrides (unknown keys are rejected)."""
+    return make_config(LDMConfig, PRESETS, get_profile(profile), dataset=dataset, **overrides)
+
+
+class LatentDiffusion(nn.Module):
+    """UNet + diffusion schedule + per-channel latent statistics. Calling it is calling the UNet on normalised
+    latents, so it is itself a denoiser `model(z_t, t, y)` for `GaussianDiffusion`."""
+
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, latent_mean: Tensor, latent_std: Tensor):
+        super().__init__()
+        self.unet, self.diffusion = unet, diffusion
+        self.register_buffer("latent_mean", latent_mean.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("latent_std", latent_std.reshape(1, -1, 1, 1).clone())
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.num_classes
+
+    def forward(self, z: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.unet(z, t, y)
+
+    def normalize(self, z: Tensor) -> Tensor:
+        return (z - self.latent_mean.to(z.device)) / self.latent_std.to(z.device)
+
+    def denormalize(self, z: Tensor) -> Tensor:
+        return z * self.latent_std.to(z.device) + self.latent_mean.to(z.device)
+
+    @torch.no_grad()
+    def sample_latents(self, labels: Tensor, latent_hw: tuple[int, int], **sample_kwargs) -> Tensor:
+        """VAE latents (B, C, h, w) for class `labels` (B,); `sample_kwargs` go to `GaussianDiffusion.sample`."""
+        shape = (labels.shape[0], self.unet.in_channels, *latent_hw)
+        return self.denormalize(self.diffusion.sample(self, shape, labels, **sample_kwargs))
+
+
+def build_ldm(cfg: LDMConfig, latent_channels: int, latent_mean: Tensor, latent_std: Tensor) -> LatentDiffusion:
+    unet = UNet(latent_channels, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+                num_res_blocks=cfg.num_res_blocks, num_classes=NUM_CLASSES, dropout=cfg.dropout,
+                attention=cfg.attention)
+    diffusion = GaussianDiffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule, cfg.prediction)
+    return LatentDiffusion(unet, diffusion, latent_mean, latent_std)
+
+
+# --------------------------------------------------------------------------------------------- latents
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-1 of a module's weights: identifies the VAE a latent cache or LDM checkpoint belongs to."""
+    sha = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+@torch.no_grad()
+def encode_images(vae: VAE, images: Tensor, batch_size: int = 500) -> Tensor:
+    """(N, C, 32, 32) images in [0, 1] -> (N, z_channels, 8, 8) posterior means, on CPU."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(chunk.to(device))[0].cpu() for chunk in images.split(batch_size)])
+
+
+def cached_latents(vae: VAE, dataset: str, split: str, limit: int | None = None,
+                   vae_digest: str | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(latents, labels) of `limit` random images of a split (all if None), encoded once and cached per VAE."""
+    digest = vae_digest or weights_digest(vae)
+    path = cache_dir() / "ldm_latents" / f"{dataset}_{split}_{limit or 'all'}_s{seed}_{digest[:12]}.pt"
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        return cached["latents"], cached["labels"]
+    images, labels = load_dataset(dataset, split)
+    idx = subset_indices(len(images), limit, seed)
+    images, labels = images[idx], labels[idx]
+    latents = encode_images(vae, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"latents": latents, "labels": labels}, tmp)
+    tmp.replace(path)
+    return latents, labels
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class LDMRun:
+    config: LDMConfig
+    model: LatentDiffusion  # raw weights, eval mode
+    ema_model: LatentDiffusion  # EMA weights (what the report samples from)
+    vae: VAE
+    latent_hw: tuple[int, int]
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    run_dir: Path
+
+
+def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LDMRun:
+    """Train (or, when the run's checkpoint is complete, just load) the latent diffusion model of `cfg`."""
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    vae = (vae or load_or_train_vae(cfg.dataset, cfg.vae_profile or cfg.profile)).to(device).eval()
+    digest = weights_digest(vae)
+    train_z, train_y = cached_latents(vae, cfg.dataset, "train", cfg.max_train, digest, cfg.seed)
+    test_z, test_y = cached_latents(vae, cfg.dataset, "test", cfg.eval_size, digest, cfg.seed)
+    model = build_ldm(cfg, train_z.shape[1], train_z.mean((0, 2, 3)), train_z.std((0, 2, 3))).to(device)
+    train_z, test_z = model.normalize(train_z.to(device)), model.normalize(test_z.to(device))
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    diffusion = model.diffusion
+
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    run_dir = checkpoint_dir() / "ldm" / cfg.run_name(digest)
+    trainer = Trainer(run_dir, {"ldm": model}, {"ldm": optimizer}, steps=cfg.steps,
+                      schedulers={"ldm": warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)},
+                      ema={"ldm": ema}, grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval,
+                      ckpt_interval=cfg.eval_interval, device=device, bf16=cfg.bf16, desc=f"LDM {cfg.dataset}",
+                      progress=cfg.progress)
+
+    def step_fn(step: int) -> dict[str, float]:
+        idx = batch_indices(len(train_z), cfg.batch_size, step, cfg.seed).to(device)
+        z, y = train_z[idx], train_y[idx]
+        drop = torch.rand(y.shape, device=device) < cfg.class_dropout
+        y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
+        t = torch.randint(0, cfg.timesteps, y.shape, device=device)
+        with trainer.autocast():
+            loss = diffusion.p_losses(model, z, t, y)
+        loss.backward()
+        trainer.optimizer_step("ldm")
+        return {"loss": loss.item()}
+
+    # Validation: the same noise and timesteps at every evaluation, so the curve is not noisy from resampling.
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    val_t = torch.randint(0, cfg.timesteps, (len(test_z),), generator=gen).to(device)
+    val_noise = torch.randn(test_z.shape, generator=gen).to(device)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        return {name: diffusion.p_losses(m, test_z, val_t, test_y, val_noise).item()
+                for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow))}
+
+    trainer.fit(step_fn, eval_fn, resume=resume)
+    model.eval()
+    return LDMRun(cfg, model, ema.shadow.eval(), vae, tuple(train_z.shape[-2:]), trainer.train_log.rows,
+                  trainer.eval_log.rows, run_dir)
+
+
+def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
+    """Training loss (moving average over `window` steps) and the fixed-noise validation loss (raw and EMA)."""
+    steps = [r["step"] for r in run.train_rows]
+    losses = torch.tensor([r["loss"] for r in run.train_rows])
+    window = max(1, min(window, len(losses)))
+    smooth = losses.unfold(0, window, 1).mean(1).tolist()
+    series = {f"train (mean of {window} steps)": (steps[window - 1:], smooth)}
+    for key, label in (("val_loss", "test, raw weights"), ("val_loss_ema", "test, EMA weights")):
+        series[label] = ([r["step"] for r in run.eval_rows], [r[key] for r in run.eval_rows])
+    cfg = run.config
+    return plot_curves(series, path, f"LDM eps-MSE on {cfg.dataset} latents ({cfg.profile} profile)",
+                       ylabel="MSE", logy=True)
+
+
+# --------------------------------------------------------------------------------------------- sampling and metrics
+
+
+@torch.no_grad()
+def generate(run: LDMRun, labels: Tensor, use_ema: bool = True, **sample_kwargs) -> Tensor:
+    """Images (B, C, 32, 32) in [0, 1] for class `labels`: sample latents, then decode with the VAE."""
+    model = run.ema_model if use_ema else run.model
+    device = next(model.parameters()).device
+    latents = model.sample_latents(labels.to(device), run.latent_hw, **sample_kwargs)
+    return run.vae.decode(latents).clamp(0, 1).cpu()
+
+
+def class_labels(samples_per_class: int) -> Tensor:
+    """0,0,...,1,1,...: `samples_per_class` of each class, in class order."""
+    return torch.arange(NUM_CLASSES).repeat_interleave(samples_per_class)
+
+
+def save_class_grid(images: Tensor, labels: Tensor, dataset: str, path: str | Path, title: str,
+                    per_row: int = 8) -> Path:
+    """One row per class with the first `per_row` images of that class, rows labelled with the class name."""
+    rows = [images[labels == c][:per_row] for c in range(NUM_CLASSES)]
+    per_row = min(len(r) for r in rows)
+    grid = torch.cat([r[:per_row] for r in rows])
+    return save_labeled_grids({title: grid}, path, title="", nrow=per_row, row_labels=CLASS_NAMES[dataset])
+
+
+def _measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: Tensor) -> dict[str, float]:
+    return {"cond. accuracy": accuracy(classifier, images, labels),
+            "feature FD": frechet_distance(predict(classifier, images)[1], reference)}
+
+
+def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: dict[str, dict], fig_prefix: str | Path | None = None,
+                 use_ema: bool = True, seed: int = 0) -> list[dict]:
+    """Sample `samples_per_class` images per class with each sampler, and measure them.
+
+    samplers: {name: kwargs of GaussianDiffusion.sample}, e.g. {"ddpm": {"sampler": "ddpm"}, "ddim": {"sampler":
+    "ddim", "steps": 50}}; the guidance scale defaults to `config.guidance_scale`. Returns two reference rows
+    (as many real test images; their VAE reconstructions, the best the latent model can do) and one row per
+    sampler: conditional accuracy (the classifier agrees with the label), the classifier-feature Frechet
+    distance to `reference_size` other real test images, wall time, images/s and the speed-up over the first
+    sampler. With `fig_prefix`, saves the class grid of each sampler as `{fig_prefix}_{name}.png`.
+    """
+    cfg = run.config
+    labels = class_labels(cfg.samples_per_class)
+    n = len(labels)
+    real, real_labels = load_dataset(cfg.dataset, "test")
+    if len(real) < cfg.reference_size + n:
+        raise ValueError(f"need {cfg.reference_size + n} test images for the reference and baseline sets")
+    idx = subset_indices(len(real), cfg.reference_size + n, seed)  # two disjoint random sets of test images
+    _, reference = predict(classifier, real[idx[: cfg.reference_size]])
+    baseline, baseline_labels = real[idx[cfg.reference_size :]], real_labels[idx[cfg.reference_size :]]
+    device = next(run.ema_model.parameters()).device
+    recon = run.vae.decode(torch.cat([run.vae.encode(c.to(device))[0] for c in baseline.split(500)])).cpu()
+    rows = [{"dataset": cfg.dataset, "images from": "real test images (baseline)", "n": n,
+             **_measure(classifier, baseline, baseline_labels, reference)},
+            {"dataset": cfg.dataset, "images from": "VAE reconstructions of them", "n": n,
+             **_measure(classifier, recon, baseline_labels, reference)}]
+    first_seconds = None
+    for name, kwargs in samplers.items():
+        kwargs = {"guidance_scale": cfg.guidance_scale, "progress": cfg.progress, **kwargs}
+        generator = torch.Generator(device).manual_seed(seed)
+        images, seconds = timed(lambda kw=kwargs, g=generator: generate(run, labels, use_ema, generator=g, **kw),
+                                device)
+        first_seconds = first_seconds or seconds
+        label = f"{kwargs.get('sampler', 'ddpm').upper()}-{kwargs.get('steps') or cfg.timesteps}"
+        rows.append({"dataset": cfg.dataset, "images from": label, "guidance": kwargs["guidance_scale"], "n": n,
+                     **_measure(classifier, images, labels, reference), "seconds": seconds, "images/s": n / seconds,
+                     "speed-up": first_seconds / seconds})
+        if fig_prefix is not None:
+            save_class_grid(images, labels, cfg.dataset, f"{fig_prefix}_{name}.png",
+                            f"{cfg.dataset}: {label}, guidance {kwargs['guidance_scale']:g} ({cfg.profile} profile)")
+    return rows

@@ -1,0 +1,302 @@
+"""One trainer for the VAE (task 2.1) and the VAE + PatchGAN (task 2.2), plus evaluation and the VAE loader
+that the latent diffusion model uses.
+
+Loss of the VAE step: MSE(recon, x) + kl_weight * KL(q(z|x) || N(0, I)) [+ gan_weight * G-hinge(D(recon))
+from step `gan_loss_start` on]. When gan_weight > 0 a second step per iteration trains the discriminator with
+the hinge loss on real images vs. detached reconstructions. Both steps run inside `common.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common.config import check
+from common.data import batch_indices
+from common.ema import EMA
+from common.trainer import Trainer, warmup_cosine
+from gm.data import DATASETS, load_dataset_uint8, to_float
+from gm.loss import d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
+from gm.model import VAE, Discriminator
+
+# KL weight of the VAE that `load_or_train_vae` hands to the latent diffusion model. A latent diffusion model
+# learns the latent distribution itself, so the VAE need not match the N(0, I) prior; it must keep the images'
+# content. Measured in notebook 2_1 (quick): at 1e-6 the latent carries ~460 nats (test MSE 0.0105 on CIFAR-10,
+# recognisable reconstructions) and the posterior means have a std of ~0.9, i.e. already about unit scale;
+# at 1e-3 only ~8 nats survive (MSE 0.027, blurry) and most latent channels are prior noise.
+LDM_KL_WEIGHT = 1e-6
+
+
+@dataclass
+class VAEConfig:
+    """A VAE or VAE+GAN run. `steps` (if set) wins over `epochs` (full profile: the homework's 10 epochs)."""
+
+    dataset: str = "cifar10"
+    kl_weight: float = 1e-3
+    gan_weight: float = 0.0
+    gan_loss_start: int = 0  # first step with the GAN term (and the discriminator's first update)
+    # model
+    z_channels: int = 3
+    num_channels: int = 32
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    disc_channels: int = 64
+    disc_layers: int = 2
+    # optimisation
+    epochs: float = 10.0
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 2e-4
+    disc_lr: float = 2e-4
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.0  # 0 turns EMA off; otherwise evaluation and the saved model use the EMA weights
+    # evaluation and bookkeeping
+    eval_interval: int = 500
+    eval_size: int = 1000  # test images for the periodic evaluation during training
+    seed: int = 0
+    bf16: bool = False
+    device: str | None = None
+    profile: str = field(default="quick")
+    progress: bool = True
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check(self.kl_weight >= 0 and self.gan_weight >= 0, "kl_weight and gan_weight must be >= 0")
+        check(self.gan_loss_start >= 0, f"gan_loss_start must be >= 0, got {self.gan_loss_start}")
+        check(self.steps is None or self.steps > 0, f"steps must be positive (or None for epochs), got {self.steps}")
+        check(self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.eval_size > 0, f"eval_size must be positive, got {self.eval_size}")
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.dataset == "mnist" else 3
+
+    @property
+    def use_gan(self) -> bool:
+        return self.gan_weight > 0
+
+    def num_steps(self, num_train: int) -> int:
+        return self.steps or math.ceil(self.epochs * (num_train // self.batch_size))
+
+    def run_name(self) -> str:
+        """Readable and unique: the main knobs plus a hash of the whole config (bookkeeping fields excluded)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "device")}
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.dataset}_kl{self.kl_weight:g}_gan{self.gan_weight:g}_{self.profile}_{digest}"
+
+
+PRESETS = {
+    # CI: a handful of steps on a tiny model.
+    "smoke": dict(profile="smoke", steps=4, batch_size=8, num_channels=8, disc_channels=8, warmup_steps=1,
+                  lr=1e-3, disc_lr=1e-3, eval_interval=0, eval_size=16, gan_loss_start=2),
+    # CPU minutes: a run costs ~20 CPU-seconds, so the six runs of a notebook take a few minutes on 2 cores.
+    "quick": dict(profile="quick", steps=300, batch_size=16, num_channels=16, disc_channels=16, warmup_steps=20,
+                  lr=1e-3, disc_lr=5e-4, eval_interval=50, eval_size=256, gan_loss_start=100),
+    # The homework: 10 epochs on a GPU.
+    "full": dict(profile="full", epochs=10.0, batch_size=128, num_channels=64, disc_channels=64, warmup_steps=200,
+                 lr=2e-4, disc_lr=2e-4, eval_interval=500, eval_size=2000, gan_loss_start=2000, ema_decay=0.999),
+}
+
+
+def vae_config(dataset: str, profile: str | None = None, **overrides) -> VAEConfig:
+    """The preset of `profile` (default $HW3_PROFILE) for `dataset`, with overrides (unknown keys are rejected)."""
+    return make_config(VAEConfig, PRESETS, get_profile(profile), dataset=dataset, **overrides)
+
+
+def build_vae(cfg: VAEConfig) -> VAE:
+    return VAE(cfg.in_channels, cfg.z_channels, cfg.num_channels, cfg.ch_mult, cfg.num_res_blocks)
+
+
+@dataclass
+class VAERun:
+    """A finished run: the model to use (EMA weights when enabled, eval mode), its logs and where it lives."""
+
+    config: VAEConfig
+    vae: VAE
+    disc: Discriminator | None
+    train_rows: list[dict]
+    eval_rows: list[dict]
+    run_dir: Path
+
+
+def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
+    """Train a VAE (or VAE+GAN when cfg.gan_weight > 0) on cfg.dataset, in `checkpoint_dir()/vae/<run_name>`.
+
+    With `resume`, a run continues from its checkpoint (and returns at once if it had finished). Writes the
+    trainer's CSVs and checkpoint, and `model.pt` (config + VAE weights) for `load_vae`.
+    """
+    seed_everything(cfg.seed)
+    device = get_device(cfg.device)
+    train_images = load_dataset_uint8(cfg.dataset, "train")[0].to(device)  # uint8: 4x less memory than float
+    eval_images = _test_images(cfg.dataset, cfg.eval_size, device)
+    steps = cfg.num_steps(len(train_images))
+
+    vae = build_vae(cfg).to(device)
+    modules: dict[str, torch.nn.Module] = {"vae": vae}
+    optimizers = {"vae": torch.optim.Adam(vae.parameters(), lr=cfg.lr)}
+    disc = None
+    if cfg.use_gan:
+        disc = Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(device)
+        modules["disc"] = disc
+        optimizers["disc"] = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # usual GAN betas
+    schedulers = {k: warmup_cosine(opt, cfg.warmup_steps, steps) for k, opt in optimizers.items()}
+    ema = {"vae": EMA(vae, cfg.ema_decay)} if cfg.ema_decay > 0 else {}
+    run_dir = checkpoint_dir() / "vae" / cfg.run_name()
+    trainer = Trainer(run_dir, modules, optimizers, steps=steps, schedulers=schedulers, ema=ema,
+                      grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval, ckpt_interval=max(1, steps // 4),
+                      device=device, bf16=cfg.bf16, desc=cfg.run_name(), progress=cfg.progress)
+
+    def step_fn(step: int) -> dict[str, float]:
+        x = to_float(train_images[batch_indices(len(train_images), cfg.batch_size, step, cfg.seed).to(device)])
+        gan_on = cfg.use_gan and step >= cfg.gan_loss_start
+        with trainer.autocast():
+            recon, mean, logvar = vae(x)
+            mse = reconstruction_loss(recon.float(), x)
+            kl = kl_divergence(mean.float(), logvar.float()).mean()
+            loss = mse + cfg.kl_weight * kl
+            metrics = {"recon_loss": mse.item(), "kl": kl.item()}
+            if gan_on:
+                disc.requires_grad_(False)  # the generator step must not leave gradients in D
+                g_loss = g_hinge_loss(disc(recon).float())
+                disc.requires_grad_(True)
+                loss = loss + cfg.gan_weight * g_loss
+                metrics["g_loss"] = g_loss.item()
+        loss.backward()
+        metrics["loss"] = loss.item()
+        metrics["grad_norm"] = trainer.optimizer_step("vae")
+        if gan_on:
+            with trainer.autocast():
+                real_logits, fake_logits = disc(x).float(), disc(recon.detach()).float()
+                d_loss = d_hinge_loss(real_logits, fake_logits)
+            d_loss.backward()
+            trainer.optimizer_step("disc")
+            metrics |= {"d_loss": d_loss.item(), "logits_real": real_logits.mean().item(),
+                        "logits_fake": fake_logits.mean().item()}
+        return metrics
+
+    def eval_fn(step: int) -> dict[str, float]:
+        model = ema["vae"].shadow if ema else vae
+        recon, mean, logvar = model(eval_images)
+        return {"test_recon_mse": reconstruction_loss(recon, eval_images).item(),
+                "test_kl": kl_divergence(mean, logvar).mean().item()}
+
+    trainer.fit(step_fn, eval_fn, resume=resume)
+    final = (ema["vae"].shadow if ema else vae).eval()
+    tmp = run_dir / "model.pt.tmp"
+    torch.save({"config": dataclasses.asdict(cfg), "state_dict": final.state_dict()}, tmp)
+    tmp.replace(run_dir / "model.pt")  # atomic: a concurrent `load_vae` never reads a half-written file
+    if disc is not None:
+        disc.eval()
+    return VAERun(cfg, final, disc, trainer.train_log.rows, trainer.eval_log.rows, run_dir)
+
+
+def load_vae(path: str | Path, device: str | torch.device | None = None) -> VAE:
+    """A VAE from the `model.pt` of a run (config + weights), in eval mode on `device`."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = VAEConfig(**{**state["config"], "progress": False})
+    vae = build_vae(cfg)
+    vae.load_state_dict(state["state_dict"])
+    return vae.to(get_device(device)).eval()
+
+
+def load_or_train_vae(dataset: str, profile: str | None = None) -> VAE:
+    """The VAE for latent diffusion on `dataset` ("mnist" | "cifar10"), trained if its checkpoint is missing.
+
+    It is the kl_weight = LDM_KL_WEIGHT (1e-6) run of notebook 2_1 for the profile, so after that notebook this
+    only loads. Returns the model in eval mode, frozen: `encode(x)` gives (mean, logvar) of shape
+    (B, z_channels=3, 8, 8) for 32x32 inputs in [0, 1] (MNIST zero-padded to 32x32, as `load_dataset` gives it),
+    `decode(z)` gives images in (0, 1) (a sigmoid on the decoder output, no clamping needed).
+    """
+    cfg = vae_config(dataset, profile, kl_weight=LDM_KL_WEIGHT)
+    path = checkpoint_dir() / "vae" / cfg.run_name() / "model.pt"
+    vae = load_vae(path) if path.is_file() else train_vae(cfg).vae
+    return vae.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def eval_subset(images: torch.Tensor, num_images: int | None, seed: int = 0) -> torch.Tensor:
+    """The first `num_images` of a fixed random order of `images` (all if None): a class-balanced subset even
+    when the source stores the images class by class (the ImageFolder layout)."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[order[:num_images]]
+
+
+def _test_images(dataset: str, num_images: int | None, device: torch.device) -> torch.Tensor:
+    """`eval_subset` of the 32x32 test images, as float in [0, 1] on `device`."""
+    return to_float(eval_subset(load_dataset_uint8(dataset, "test")[0], num_images).to(device))
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """Mean gradient magnitude sqrt(dx^2 + dy^2) of (N, C, H, W) images, from finite differences: (N,)."""
+    dx = images[..., :-1, 1:] - images[..., :-1, :-1]
+    dy = images[..., 1:, :-1] - images[..., :-1, :-1]
+    return (dx.pow(2) + dy.pow(2)).sqrt().flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def evaluate(vae: VAE, dataset: str, num_images: int | None = None, batch_size: int = 500,
+             seed: int = 0) -> dict[str, float]:
+    """Test-set metrics of a VAE on `num_images` test images (all if None; see `eval_subset`), 32x32 as trained:
+
+    - `recon_mse`: per-pixel MSE of the reconstruction decoded from the posterior mean (what the figures show);
+    - `kl`: KL(q(z|x) || N(0, I)) in nats per image;
+    - `neg_elbo`: negative ELBO in nats per image, with one posterior sample and a Gaussian decoder
+      N(recon, s^2 I) whose variance s^2 is set to that sample's test MSE (its maximum-likelihood value);
+    - `sharpness_ratio`: mean gradient magnitude of reconstructions / that of the inputs (1 = as sharp).
+    """
+    device = next(vae.parameters()).device
+    images = _test_images(dataset, num_images, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = vae.training
+    vae.eval()
+    sums = dict.fromkeys(("sq_err_mean", "sq_err_sample", "kl", "sharp_recon", "sharp_input"), 0.0)
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        mean, logvar = vae.encode(x)
+        recon = vae.decode(mean)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
+        sums["sq_err_mean"] += (recon - x).pow(2).flatten(1).mean(1).sum().item()
+        sums["sq_err_sample"] += (vae.decode(z) - x).pow(2).flatten(1).mean(1).sum().item()
+        sums["kl"] += kl_divergence(mean, logvar).sum().item()
+        sums["sharp_recon"] += sharpness(recon).sum().item()
+        sums["sharp_input"] += sharpness(x).sum().item()
+    vae.train(was_training)
+    n, dims = len(images), images[0].numel()
+    kl, mse_sample = sums["kl"] / n, sums["sq_err_sample"] / n
+    neg_log_lik = 0.5 * dims * (1.0 + math.log(2 * math.pi * mse_sample))
+    return {"recon_mse": sums["sq_err_mean"] / n, "kl": kl, "neg_elbo": neg_log_lik + kl,
+            "sharpness_ratio": sums["sharp_recon"] / sums["sharp_input"]}
+
+
+@torch.no_grad()
+def figure_panels(vae: VAE, dataset: str, num_images: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """{"inputs", "reconstructions", "prior samples"}: (num_images, C, 32, 32) each, for `save_labeled_grids`."""
+    device = next(vae.parameters()).device
+    x = _test_images(dataset, num_images, device)
+    mean, _ = vae.encode(x)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = vae.sample(num_images, latent_hw=tuple(mean.shape[-2:]), generator=generator)
+    return {"inputs": x.cpu(), "reconstructions": vae.decode(mean).cpu(), "prior samples": samples.cpu()}
+
+
+def curve(rows: list[dict], key: str, window: int = 1) -> tuple[list[float], list[float]]:
+    """(steps, values) of metric `key` in log rows, smoothed by a trailing mean over `window` points."""
+    pairs = [(row["step"], row[key]) for row in rows if key in row]
+    if not pairs:
+        raise ValueError(f"no metric {key!r} in the rows; available: {sorted({k for r in rows for k in r})}")
+    steps, values = zip(*pairs, strict=True)
+    smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+              for i in range(len(values))]
+    return list(steps), smooth

@@ -1,0 +1,219 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fm.dpo import (
+    build_dpo,
+    concatenated_logps,
+    conditional_vs_joint,
+    dpo_config,
+    dpo_loss,
+    gradient_weighting_check,
+    implicit_reward,
+    response_logps,
+    reward_accuracy,
+    rewards_by_kind,
+    sequence_logps,
+)
+from fm.tokenizer import get_gpt2_tokenizer
+
+
+def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval()
+
+
+def small_gpt2(seed: int = 0, **config) -> GPT2LMHeadModel:
+    """A random GPT-2-vocabulary model (with dropout 0.1, which DPO turns off), small enough for a test."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, **config))
+
+
+def random_batch(pairs: int = 3, length: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A concatenated batch (chosen rows, then rejected rows) with right padding and prompt/response masks."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (2 * pairs, length), generator=g)
+    attention = torch.ones_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for row in range(2 * pairs):
+        n_real = length - row % 3  # some rows padded
+        attention[row, n_real:] = 0
+        loss_mask[row, 4:n_real] = 1  # 4 prompt tokens, then the response
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def test_dpo_loss_hand_computed():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-10.0, -12.0, -11.0, -11.5))
+    losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # h = 0.5 * ((-10 + 11) - (-12 + 11.5)) = 0.75
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.75)), abs=1e-6)
+    assert chosen_r.item() == pytest.approx(0.5) and rejected_r.item() == pytest.approx(-0.25)
+    smoothed, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.2)
+    expected = 0.8 * math.log1p(math.exp(-0.75)) + 0.2 * math.log1p(math.exp(0.75))
+    assert smoothed.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    logps = torch.randn(4, 5) * 20
+    losses, chosen_r, rejected_r = dpo_loss(logps[0], logps[1], logps[0], logps[1], beta=0.3)
+    torch.testing.assert_close(losses, torch.full((5,), math.log(2)))
+    assert reward_accuracy(chosen_r, rejected_r).tolist() == [0.5] * 5  # ties count half: start at 0.5
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    pc, pr = torch.tensor([-5.0, -3.0], requires_grad=True), torch.tensor([-4.0, -6.0], requires_grad=True)
+    # pair 0 is ranked wrongly (chosen reward < rejected reward), pair 1 rightly
+    losses, chosen_r, rejected_r = dpo_loss(pc, pr, torch.tensor([-4.0, -4.0]), torch.tensor([-5.0, -5.0]))
+    losses.sum().backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(y_w), lowers log pi(y_l)
+    assert not chosen_r.requires_grad and not rejected_r.requires_grad
+    weights = 0.1 * torch.sigmoid(rejected_r - chosen_r)
+    torch.testing.assert_close(-pc.grad, weights)
+    torch.testing.assert_close(pr.grad, weights)
+    assert weights[0] > weights[1]  # the wrongly ranked pair gets the larger update
+
+
+@pytest.mark.parametrize(
+    "shapes, beta, smoothing, match",
+    [
+        (((3,), (3,), (3,), (4,)), 0.1, 0.0, "same shape"),
+        (((3, 1), (3, 1), (3, 1), (3, 1)), 0.1, 0.0, "same shape"),
+        (((3,), (3,), (3,), (3,)), 0.0, 0.0, "beta must be > 0"),
+        (((3,), (3,), (3,), (3,)), -1.0, 0.0, "beta must be > 0"),
+        (((3,), (3,), (3,), (3,)), 0.1, 0.5, "label_smoothing"),
+    ],
+)
+def test_dpo_loss_rejects_bad_input(shapes, beta, smoothing, match):
+    with pytest.raises(ValueError, match=match):
+        dpo_loss(*(torch.zeros(s) for s in shapes), beta=beta, label_smoothing=smoothing)
+
+
+def test_sequence_logps_matches_brute_force_loop():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    mask = (torch.rand(3, 7, generator=g) > 0.4).long()
+    labels_with_ignore = labels.masked_fill(mask == 0, -100)  # -100 where masked must not break the gather
+    expected = torch.zeros(3)
+    for b in range(3):
+        for t in range(1, 7):
+            if mask[b, t]:
+                expected[b] += F.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+    torch.testing.assert_close(sequence_logps(logits, labels_with_ignore, mask), expected)
+    with pytest.raises(ValueError, match="expected logits"):
+        sequence_logps(logits, labels[:, :5], mask)
+
+
+def test_concatenated_pass_equals_separate_passes():
+    model, batch = tiny_lm(), random_batch()
+    chosen, rejected = concatenated_logps(model, batch)
+    for rows, got in ((slice(0, 3), chosen), (slice(3, 6), rejected)):
+        part = {k: v[rows] for k, v in batch.items()}
+        logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        torch.testing.assert_close(got, sequence_logps(logits, part["input_ids"], part["loss_mask"]))
+    with pytest.raises(ValueError, match="even row count"):
+        concatenated_logps(model, {k: v[:5] for k, v in batch.items()})
+
+
+def test_conditional_and_joint_forms_agree_on_a_real_model():
+    policy, reference = (small_gpt2(seed, initializer_range=0.5).double().eval() for seed in (1, 2))
+    pair = {"prompt": "Human: How are you?\n\nAssistant:", "chosen": "Great, thanks!", "rejected": "Go away."}
+    out = conditional_vs_joint(policy, reference, get_gpt2_tokenizer(), pair, beta=0.1)
+    assert abs(out["policy_log_p_prompt"] - out["reference_log_p_prompt"]) > 0.1  # the prompt terms really differ
+    assert out["abs_difference"] < 1e-10
+    assert abs(out["margin_conditional"]) > 1e-3
+
+
+def test_gradient_weighting_matches_autograd():
+    policy, batch = tiny_lm().double(), random_batch()
+    with torch.no_grad():
+        ref_chosen, ref_rejected = concatenated_logps(tiny_lm(seed=3).double(), batch)
+    out = gradient_weighting_check(policy, batch, ref_chosen, ref_rejected, beta=0.5)
+    assert out["param_grad_rel_error"] < 1e-10 and out["logp_grad_max_error"] < 1e-12
+    assert out["param_grad_norm"] > 0
+
+
+def build(seed: int = 0, **overrides):
+    base = dict(run_name="test", train_pairs=4, val_pairs=4, batch_size=4, eval_batch_size=4, steps=6, lr=3e-3,
+                warmup_steps=1, eval_interval=3, device="cpu")
+    return build_dpo(dpo_config("smoke", **{**base, **overrides}), model=small_gpt2(seed),
+                     tokenizer=get_gpt2_tokenizer())
+
+
+def test_dpo_training_learns_the_pairs_and_starts_at_chance():
+    setup = build()
+    setup.trainer.fit(setup.step_fn, setup.eval_fn)
+    first, last = setup.trainer.train_log.rows[0], setup.trainer.train_log.rows[-1]
+    start = setup.trainer.eval_log.rows[0]
+    assert start["step"] == 0 and start["val_reward_acc"] == 0.5 and start["val_loss"] == pytest.approx(math.log(2))
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference before the first update
+    losses = [r["loss"] for r in setup.trainer.train_log.rows]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < losses[0] - 0.2
+    assert last["reward_acc"] == 1.0 and last["margin"] > 0 and last["rejected_logp"] < first["rejected_logp"]
+    assert [r["step"] for r in setup.trainer.eval_log.rows] == [0, 3, 6]
+    assert all(not p.requires_grad for p in setup.reference.parameters())
+    rows = rewards_by_kind(setup.policy, setup.val_data, setup.cfg.beta)
+    assert rows[-1]["kind"] == "all" and rows[-1]["pairs"] == len(setup.val_data)
+    assert rows[-1]["reward_acc"] == pytest.approx(setup.trainer.eval_log.rows[-1]["val_reward_acc"])
+
+
+def test_dpo_resume_equals_uninterrupted():
+    full = build(run_name="full", steps=4, eval_interval=2, ckpt_interval=2)
+    full.trainer.fit(full.step_fn, full.eval_fn)
+    interrupted = build(run_name="resumed", steps=4, eval_interval=2, ckpt_interval=2)
+
+    def crash_at_2(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return interrupted.step_fn(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.trainer.fit(crash_at_2, interrupted.eval_fn)
+    resumed = build(run_name="resumed", steps=4, eval_interval=2, ckpt_interval=2)
+    resumed.trainer.fit(resumed.step_fn, resumed.eval_fn, resume=True)
+    for (name, a), (_, b) in zip(full.policy.state_dict().items(), resumed.policy.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in resumed.trainer.train_log.rows] == [r["loss"] for r in full.trainer.train_log.rows]
+    assert resumed.trainer.eval_log.rows == full.trainer.eval_log.rows
+
+
+def test_implicit_reward_is_zero_for_the_reference_and_tracks_the_policy():
+    from fm.pretrained import load_lm
+
+    reference, tok = load_lm("tiny")
+    prompts = ["Human: Hi!\n\nAssistant:"] * 2
+    responses = ["Hello, nice to meet you.", "Go away."]
+    assert implicit_reward(reference, reference, tok, prompts, responses).abs().max() == 0
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rewards = implicit_reward(policy, reference, tok, prompts, responses, beta=0.5)
+    logps = response_logps(policy, tok, prompts, responses) - response_logps(reference, tok, prompts, responses)
+    torch.testing.assert_close(rewards, 0.5 * logps)
+    assert rewards.abs().min() > 1e-3
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        response_logps(policy, tok, prompts, responses[:1])
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(beta=0.0), "beta must be > 0"),
+        (dict(lr=-1.0), "lr must be positive"),
+        (dict(label_smoothing=0.5), "label_smoothing"),
+        (dict(data_source="imdb"), "data_source"),
+        (dict(train_pairs=1), "must cover one batch"),
+        (dict(steps=1, warmup_steps=1), "warmup_steps"),
+    ],
+)
+def test_dpo_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        dpo_config("smoke", **overrides)
+    with pytest.raises(ValueError, match="unknown config key"):
+        dpo_config("smoke", learning_rate=1e-3)

@@ -1,0 +1,57 @@
+"""VAE + PatchGAN: hinge losses by hand, discriminator shapes, and the two-optimizer training step."""
+
+import pytest
+import torch
+
+from gm.loss import d_hinge_loss, g_hinge_loss
+from gm.model import Discriminator
+from gm.train import train_vae, vae_config
+
+
+def test_hinge_losses_by_hand():
+    real = torch.tensor([2.0, 0.5, -1.0, 1.0])  # relu(1 - real) = [0, 0.5, 2, 0] -> mean 0.625
+    fake = torch.tensor([-2.0, 0.0, 0.5, -0.5])  # relu(1 + fake) = [0, 1, 1.5, 0.5] -> mean 0.75
+    assert d_hinge_loss(real, fake).item() == pytest.approx(1.375)
+    assert g_hinge_loss(fake).item() == pytest.approx(0.5)  # -mean(fake) = -(-2 + 0 + 0.5 - 0.5) / 4
+    patches = torch.tensor([[[[3.0, -3.0], [0.0, 1.0]]]])  # means are over all patch logits
+    assert d_hinge_loss(patches, -patches).item() == pytest.approx((0 + 4 + 1 + 0) / 4 * 2)
+
+
+def test_discriminator_gives_per_patch_logits():
+    disc = Discriminator(3, num_channels=8, num_layers=2)
+    assert disc(torch.rand(5, 3, 32, 32)).shape == (5, 1, 6, 6)
+    assert Discriminator(1, num_channels=8, num_layers=1)(torch.rand(2, 1, 32, 32)).shape == (2, 1, 14, 14)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        disc(torch.rand(1, 1, 32, 32))
+
+
+def test_discriminator_learns_to_separate():
+    torch.manual_seed(0)
+    disc = Discriminator(1, num_channels=8)
+    real, fake = torch.rand(8, 1, 32, 32).round(), torch.full((8, 1, 32, 32), 0.5)
+    opt = torch.optim.Adam(disc.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    first = d_hinge_loss(disc(real), disc(fake)).item()
+    for _ in range(15):
+        loss = d_hinge_loss(disc(real), disc(fake))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert d_hinge_loss(disc(real), disc(fake)).item() < 0.5 * first
+
+
+def test_gan_term_and_discriminator_start_at_gan_loss_start():
+    cfg = vae_config("mnist", "smoke", gan_weight=0.1, gan_loss_start=3, steps=5, progress=False)
+    run = train_vae(cfg)
+    assert run.disc is not None
+    assert ["g_loss" in row for row in run.train_rows] == [False, False, False, True, True]
+    assert ["d_loss" in row for row in run.train_rows] == [False, False, False, True, True]
+    state = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)
+    assert state["optimizers"]["disc"]["state"][0]["step"] == 2  # D stepped only from gan_loss_start on
+    assert state["optimizers"]["vae"]["state"][0]["step"] == 5
+    row = run.train_rows[-1]  # the VAE loss includes the weighted G term
+    assert row["loss"] == pytest.approx(row["recon_loss"] + cfg.kl_weight * row["kl"] + 0.1 * row["g_loss"], rel=1e-4)
+
+
+def test_no_discriminator_without_gan_weight():
+    run = train_vae(vae_config("mnist", "smoke", gan_weight=0.0, steps=2, progress=False))
+    assert run.disc is None and all("d_loss" not in row for row in run.train_rows)

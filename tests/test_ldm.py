@@ -1,0 +1,60 @@
+"""Latent diffusion: config validation, latent statistics in the checkpoint, a few steps lower the loss, resume,
+and the evaluation rows and figures (tiny VAE and UNet on a slice of MNIST)."""
+
+import pytest
+import torch
+
+from gm.eval import Classifier
+from gm.ldm import LDMConfig, evaluate_ldm, ldm_config, plot_loss, train_ldm
+from gm.model import VAE
+
+
+def tiny_vae() -> VAE:
+    torch.manual_seed(0)
+    return VAE(1, z_channels=3, num_channels=8, ch_mult=(1, 2, 2)).eval().requires_grad_(False)
+
+
+def test_config_validation():
+    cfg = ldm_config("cifar10", "smoke")
+    assert isinstance(cfg, LDMConfig) and cfg.profile == "smoke"
+    with pytest.raises(ValueError, match="unknown config key"):
+        ldm_config("mnist", "smoke", stpes=3)
+    with pytest.raises(ValueError, match="schedule"):
+        ldm_config("mnist", "smoke", schedule="sigmoid")
+    with pytest.raises(ValueError, match="dataset"):
+        ldm_config("svhn", "smoke")
+
+
+def test_a_few_steps_lower_the_loss_and_the_run_resumes():
+    cfg = ldm_config("mnist", "smoke", steps=30, eval_interval=15, batch_size=32, lr=3e-3, warmup_steps=1,
+                     base_channels=16, ema_decay=0.5, progress=False)
+    run = train_ldm(cfg, vae=tiny_vae())
+    val = [r["val_loss"] for r in run.eval_rows]
+    assert val[0] == pytest.approx(1.0, abs=0.05)  # zero-initialised output: eps_hat = 0
+    assert val[-1] < 0.9 * val[0]
+    assert [r["step"] for r in run.eval_rows] == [0, 15, 30]
+    # Latent statistics are stored with the weights; normalised training latents are standardised per channel.
+    state = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)["modules"]["ldm"]
+    torch.testing.assert_close(state["latent_std"], run.model.latent_std)
+    assert run.model.latent_std.shape == (1, 3, 1, 1)
+    # The same config again: loaded from the finished checkpoint, no further training.
+    again = train_ldm(cfg, vae=tiny_vae())
+    assert again.train_rows == run.train_rows
+    for p, q in zip(run.ema_model.parameters(), again.ema_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert plot_loss(run, run.run_dir / "loss.png").is_file()
+
+
+def test_evaluate_rows_and_grids(tmp_path):
+    cfg = ldm_config("mnist", "smoke", timesteps=20, ddim_steps=5, progress=False)
+    run = train_ldm(cfg, vae=tiny_vae())
+    rows = evaluate_ldm(run, Classifier(1, width=4, feature_dim=8).eval(),
+                        {"ddpm": {"sampler": "ddpm"}, "ddim": {"sampler": "ddim", "steps": 5}},
+                        fig_prefix=tmp_path / "ldm_mnist")
+    assert [r["images from"] for r in rows] == ["real test images (baseline)", "VAE reconstructions of them",
+                                                "DDPM-20", "DDIM-5"]
+    n = cfg.samples_per_class * 10
+    for row in rows:
+        assert row["n"] == n and 0 <= row["cond. accuracy"] <= 1 and row["feature FD"] >= 0
+    assert rows[2]["speed-up"] == 1.0 and rows[3]["images/s"] > 0
+    assert (tmp_path / "ldm_mnist_ddpm.png").is_file() and (tmp_path / "ldm_mnist_ddim.png").is_file()

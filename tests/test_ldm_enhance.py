@@ -1,0 +1,161 @@
+"""Task 2.4 experiments on a tiny latent diffusion model: config validation, the step and guidance sweeps (guidance
+scale 1 is the conditional model), EMA vs raw weights, retrained variants with the same budget, cosine schedule
+endpoints, and the figures."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from gm.diffusion import GaussianDiffusion
+from gm.enhance import (
+    EnhanceConfig,
+    enhance_config,
+    guidance_sweep,
+    log_snr,
+    plot_guidance_sweep,
+    plot_schedules,
+    plot_step_sweep,
+    step_sweep,
+    train_variant,
+    variant_comparison,
+    weights_comparison,
+)
+from gm.eval import Classifier
+from gm.ldm import ldm_config, train_ldm
+from gm.model import VAE
+
+T = 20  # diffusion steps of the tiny model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models on a shared CPU: one intra-op thread is many times faster than threads waiting on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(run, classifier): a 4-step smoke LDM on a tiny VAE with a perturbed EMA output layer (so the EMA and raw
+    weights differ and the conditional and unconditional predictions differ), and an untrained classifier."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HW3_CKPT_DIR", str(tmp_path_factory.mktemp("checkpoints")))
+        torch.manual_seed(0)
+        vae = VAE(1, z_channels=3, num_channels=8, ch_mult=(1, 2, 2)).eval().requires_grad_(False)
+        run = train_ldm(ldm_config("mnist", "smoke", timesteps=T, progress=False), vae=vae)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(run.ema_model.unet.output[-1].weight, std=0.1)
+    return run, Classifier(1, width=4, feature_dim=8).eval()
+
+
+def smoke_config(**overrides) -> EnhanceConfig:
+    return enhance_config("smoke", progress=False, **overrides)
+
+
+def test_config_presets_and_validation():
+    for profile in ("smoke", "quick", "full"):
+        cfg = enhance_config(profile)
+        assert cfg.profile == profile and 1.0 in cfg.guidance_scales and 0.0 in cfg.guidance_scales
+    assert 1000 in enhance_config("full").ddim_steps and enhance_config("quick").ddpm
+    with pytest.raises(ValueError, match="unknown config key"):
+        enhance_config("smoke", guidance=2.0)
+    with pytest.raises(ValueError, match="unknown variant"):
+        smoke_config(variants=("sigmoid schedule",))
+    with pytest.raises(ValueError, match="guidance scales"):
+        smoke_config(guidance_scales=(-1.0, 1.0))
+    with pytest.raises(ValueError, match="step counts"):
+        smoke_config(ddim_steps=(0, 10))
+    with pytest.raises(ValueError, match="ddim_etas"):
+        smoke_config(ddim_etas=(-0.5,))
+    with pytest.raises(ValueError, match="compare_eta"):
+        smoke_config(compare_eta=-1.0)
+
+
+def split(rows):
+    """(reference rows, sample rows): only the sample rows are timed."""
+    return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
+
+
+def test_step_sweep_rows_and_figure(tiny, tmp_path):
+    run, classifier = tiny
+    cfg = smoke_config(ddim_steps=(2, 5, T), ddim_etas=(0.0,), ddpm=True)
+    references, samples = split(step_sweep(run, classifier, cfg))
+    assert [r["images from"] for r in samples] == [f"DDPM-{T}", "DDIM-2", "DDIM-5", f"DDIM-{T}"]
+    assert [r["steps"] for r in samples] == [T, 2, 5, T]
+    assert samples[0]["speed-up"] == 1.0  # relative to DDPM
+    assert {r["guidance"] for r in samples} == {run.config.guidance_scale}  # default: the 2.3 setting
+    assert len(references) >= 1 and references[0]["images from"].startswith("real test images")
+    for row in references + samples:
+        assert row["n"] == 10 * cfg.samples_per_class and 0 <= row["cond. accuracy"] <= 1 and row["feature FD"] >= 0
+    # Deterministic DDIM from the same start noise: more steps change the images, the same steps repeat them.
+    assert samples[1]["feature FD"] != samples[3]["feature FD"]
+    again = split(step_sweep(run, classifier, smoke_config(ddim_steps=(2,), ddpm=False)))[1]
+    assert again[0]["feature FD"] == samples[1]["feature FD"]
+    assert plot_step_sweep(references + samples, tmp_path / "steps.png", "smoke").stat().st_size > 0
+    # Stochastic DDIM (eta = 1) over all T steps is the ancestral DDPM sampler (same noise draws, same variances).
+    _, (ddpm, *stochastic) = split(step_sweep(run, classifier, smoke_config(ddim_steps=(5, T), ddim_etas=(1.0,),
+                                                                          ddpm=True)))
+    assert [(r["steps"], r["eta"]) for r in stochastic] == [(5, 1.0), (T, 1.0)]
+    all_steps, few_steps = (abs(r["feature FD"] - ddpm["feature FD"]) for r in (stochastic[1], stochastic[0]))
+    assert all_steps < 1e-5 * ddpm["feature FD"] and few_steps > 100 * all_steps
+    with pytest.raises(ValueError, match="DDIM steps"):
+        step_sweep(run, classifier, smoke_config(ddim_steps=(T + 1,)))
+
+
+def test_guidance_scale_one_is_the_conditional_model(tiny, tmp_path):
+    run, classifier = tiny
+    cfg = smoke_config(guidance_scales=(0.0, 1.0, 3.0), compare_steps=5)
+    rows = guidance_sweep(run, classifier, cfg, fig_prefix=tmp_path / "cfg")
+    samples = split(rows)[1]
+    assert [r["guidance"] for r in samples] == [0.0, 1.0, 3.0]
+    # w = 1 through the guided sampler gives exactly the images of the plain conditional model.
+    plain = smoke_config(ddim_steps=(5,), ddim_etas=(cfg.compare_eta,), ddpm=False, guidance_scale=1.0)
+    conditional = split(step_sweep(run, classifier, plain))[1]
+    w1 = samples[1]
+    assert (w1["cond. accuracy"], w1["feature FD"]) == (conditional[0]["cond. accuracy"], conditional[0]["feature FD"])
+    assert len({r["feature FD"] for r in samples}) == 3  # w = 0 and w = 3 sample other images
+    assert all((tmp_path / f"cfg_w{w:g}.png").is_file() for w in (0, 1, 3))
+    assert plot_guidance_sweep(rows, tmp_path / "cfg.png", "smoke").stat().st_size > 0
+
+
+def test_weights_comparison_samples_the_chosen_weights(tiny):
+    run, classifier = tiny
+    cfg = smoke_config()
+    references, (ema, raw) = split(weights_comparison(run, classifier, cfg))
+    assert {r["weights"] for r in references} == {"-"} and (ema["weights"], raw["weights"]) == ("EMA", "raw")
+    assert ema["feature FD"] != raw["feature FD"]  # the EMA output layer was perturbed
+    assert raw["val. loss"] == run.eval_rows[-1]["val_loss"]
+    _, same = split(weights_comparison(dataclasses.replace(run, ema_model=run.model), classifier, cfg))
+    assert same[0]["feature FD"] == same[1]["feature FD"] == raw["feature FD"]
+
+
+def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):
+    run, classifier = tiny
+    cosine = train_variant(run, "cosine schedule", progress=False)
+    changed = {k for k, v in dataclasses.asdict(cosine.config).items() if getattr(run.config, k) != v}
+    assert changed == {"schedule"}
+    assert cosine.model.diffusion.schedule == "cosine" and cosine.run_dir != run.run_dir
+    assert len(cosine.train_rows) == run.config.steps
+    rows = variant_comparison(run, classifier, smoke_config(variants=("cosine schedule", "v-prediction")),
+                              fig_prefix=tmp_path / "variant")
+    samples = split(rows)[1]
+    assert [(r["model"], r["schedule"], r["prediction"]) for r in samples] == [
+        ("2.3 model", "linear", "eps"), ("cosine schedule", "cosine", "eps"), ("v-prediction", "linear", "v")]
+    assert {r["train steps"] for r in samples} == {run.config.steps}
+    assert (tmp_path / "variant_cosine_schedule_eta0.png").is_file()
+    with pytest.raises(ValueError, match="unknown variant"):
+        train_variant(run, "sigmoid schedule")
+
+
+def test_cosine_schedule_endpoints(tmp_path):
+    cosine, linear = GaussianDiffusion(1000, schedule="cosine"), GaussianDiffusion(1000, schedule="linear")
+    abar = cosine.alphas_cumprod
+    assert abar[0].item() > 0.999 and abar[-1].item() < 1e-4  # x_0 is (almost) data, x_T (almost) pure noise
+    assert bool((abar[1:] < abar[:-1]).all())  # strictly decreasing
+    snr_cos, snr_lin = log_snr(cosine), log_snr(linear)
+    assert bool((snr_cos[1:] < snr_cos[:-1]).all())
+    assert snr_cos[500] > snr_lin[500] + 2  # the cosine schedule keeps more signal in the middle of the chain
+    assert plot_schedules(tmp_path / "schedules.png", "smoke").stat().st_size > 0

@@ -1,0 +1,156 @@
+"""Task 1.4: distinct-n, the IPO loss, peak-memory measurement and the top-p (nucleus) filter."""
+
+import math
+
+import pytest
+import torch
+
+from fm.enhance import distinct_n, ipo_loss, peak_memory
+
+
+def test_distinct_n_hand_computed():
+    seqs = [[1, 2, 1, 2], [1, 2, 3]]
+    # unigrams: 1,2,1,2,1,2,3 -> 3 unique of 7; bigrams: 12,21,12,12,23 -> 3 unique of 5
+    assert distinct_n(seqs, 1) == pytest.approx(3 / 7)
+    assert distinct_n(seqs, 2) == pytest.approx(3 / 5)
+    assert distinct_n(["the cat the cat", "a dog"], 2) == pytest.approx(3 / 4)  # strings split on whitespace
+    assert distinct_n([[5] * 10], 1) == pytest.approx(1 / 10)  # a looping generation scores low
+    assert distinct_n([[1], []], 2) == 0.0  # no bigram at all
+
+
+def test_distinct_n_bad_input():
+    with pytest.raises(ValueError, match="n must be"):
+        distinct_n([[1, 2]], 0)
+    with pytest.raises(TypeError, match="single string"):
+        distinct_n("not a list of sequences", 1)
+
+
+def test_ipo_loss_hand_computed_and_target():
+    beta = 0.5  # target margin 1 / (2 beta) = 1
+    pc, pr = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -2.0])
+    rc, rr = torch.tensor([-1.5, -2.0]), torch.tensor([-2.0, -2.0])
+    losses, chosen, rejected = ipo_loss(pc, pr, rc, rr, beta=beta)
+    # margins h: (0.5 - (-1.0)) = 1.5 -> (1.5 - 1)^2 = 0.25; (0 - 0) = 0 -> (0 - 1)^2 = 1
+    torch.testing.assert_close(losses, torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(chosen, torch.tensor([0.25, 0.0]))
+    torch.testing.assert_close(rejected, torch.tensor([-0.5, 0.0]))
+
+
+def test_ipo_gradient_pushes_margin_towards_target():
+    beta = 0.1
+    ref = torch.zeros(3)
+    # margins below, at and above the target 1 / (2 beta) = 5
+    chosen = torch.tensor([1.0, 5.0, 9.0], requires_grad=True)
+    losses, _, _ = ipo_loss(chosen, torch.zeros(3), ref, ref, beta=beta)
+    losses.sum().backward()
+    grad = chosen.grad
+    assert grad[0] < 0 and grad[1] == 0 and grad[2] > 0  # gradient descent moves each margin to 5, unlike DPO
+
+
+def test_ipo_bad_input():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="beta"):
+        ipo_loss(x, x, x, x, beta=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ipo_loss(x, torch.zeros(3), x, x)
+    with pytest.raises(ValueError, match="label smoothing"):
+        ipo_loss(x, x, x, x, label_smoothing=0.1)
+
+
+def test_peak_memory_sees_a_torch_allocation():
+    with peak_memory("cpu") as mem:
+        big = torch.ones(64 * 2**20 // 4)  # 64 MiB of float32, outside tracemalloc's view
+        big += 1
+        del big
+    assert mem["peak_mb"] >= 60, mem
+    with peak_memory("cpu") as small:
+        torch.ones(10)
+    assert small["peak_mb"] < 60, small
+
+
+def _brute_force_nucleus(probs: torch.Tensor, p: float) -> set[int]:
+    """Smallest set of tokens, most probable first, whose total probability reaches p."""
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept, total = set(), 0.0
+    for i in order:
+        kept.add(i)
+        total += float(probs[i])
+        if total >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.999])
+def test_top_p_keeps_smallest_set_reaching_p(p):
+    from fm.generate import top_p_filter
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=generator) * 3
+    filtered = top_p_filter(logits, p)
+    assert filtered.shape == logits.shape
+    for row, out in zip(logits, filtered, strict=True):
+        probs = row.softmax(-1)
+        kept = {i for i in range(len(row)) if math.isfinite(float(out[i])) and float(out[i]) > -1e30}
+        assert kept == _brute_force_nucleus(probs, p)
+        assert float(probs[list(kept)].sum()) >= p - 1e-6
+        idx = sorted(kept)
+        torch.testing.assert_close(out[idx], row[idx])  # kept logits are untouched
+
+
+def test_top_p_one_keeps_everything_and_argmax_always_survives():
+    from fm.generate import top_p_filter
+
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
+    torch.testing.assert_close(top_p_filter(logits, 1.0), logits)
+    tiny = top_p_filter(logits, 1e-6)
+    assert torch.isfinite(tiny[0, 0]) and tiny[0, 0] == 5.0
+    assert (tiny[0, 1:] < -1e30).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from fm.pretrained import load_lm
+
+    return load_lm("tiny", device="cpu", verbose=False)
+
+
+def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
+    from fm.enhance import sample_replies
+
+    model, tokenizer = tiny_lm
+    prompts = ["Human: Hi!\n\nAssistant:", "Human: What is your favourite book and why?\n\nAssistant:"]
+    batched = sample_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, temperature=0.0)
+    single = [sample_replies(model, tokenizer, [p], max_new_tokens=6, temperature=0.0)[0] for p in prompts]
+    assert batched == single
+
+
+def test_reply_ends_where_the_next_turn_starts():
+    from fm.enhance import TURN_HEADER
+
+    text = " Nice to meet you!\n\nHuman: and you?"
+    assert TURN_HEADER.split(text, maxsplit=1)[0].strip() == "Nice to meet you!"
+
+
+def test_kv_cache_benchmark_same_tokens(tiny_lm):
+    from fm.enhance import kv_cache_benchmark
+
+    model, tokenizer = tiny_lm
+    result = kv_cache_benchmark(model, tokenizer, [4, 8])
+    assert [r["new tokens"] for r in result.rows] == [4, 8]
+    assert all(r["same tokens"] and r["cached (s)"] > 0 and r["uncached (s)"] > 0 for r in result.rows)
+    assert set(result.curves) == {"cached", "uncached"}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(variants=("dpo", "kto")), "unknown preference variants"),
+    (dict(ft_steps=0), "ft_steps"),
+    (dict(label_smoothing=0.5), "label_smoothing"),
+    (dict(cache_new_tokens=(0,)), "cache_new_tokens"),
+])
+def test_enhance_config_rejects_bad_values(overrides, match):
+    from fm.enhance import enhance_config
+
+    with pytest.raises(ValueError, match=match):
+        enhance_config("smoke", **overrides)
+    with pytest.raises(ValueError, match="unknown config key"):
+        enhance_config("smoke", not_a_field=1)
