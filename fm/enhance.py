@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import checkpoint_dir, make_config
+from common import make_config
 from common.config import check
 from fm.data import encode
-from fm.dpo import dpo_config, dpo_loss, implicit_reward, rewards_by_kind, train_dpo
+from fm.dpo import dpo_config, dpo_dir, dpo_loss, implicit_reward, rewards_by_kind, train_dpo
 from fm.generate import generate
 from fm.lora import count_parameters
 from fm.preference import load_preference_pairs
@@ -270,7 +270,7 @@ def load_dpo_models(profile: str, fallback: nn.Module | None = None) -> tuple[nn
     `compare_preference_losses`) if given, else the run is trained (resuming a partial run). It prints which.
     """
     cfg = dpo_config(profile)
-    path = checkpoint_dir() / "dpo" / cfg.run_name / "checkpoint.pt"
+    path = dpo_dir(cfg) / "checkpoint.pt"
     state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
     finished = state is not None and state["step"] >= cfg.steps
     if not finished and fallback is None:
@@ -386,7 +386,8 @@ def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: d
     errors = errors or {}
     labels = ["\n".join(str(r[k]) for k in label_keys) for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 0.9 * len(rows) + 2) * len(panels), 4), squeeze=False)
+    panel_width = min(7.0, max(4.0, 0.7 * len(rows) + 1.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.2), squeeze=False)
     for ax, (ylabel, keys) in zip(axes[0], panels.items(), strict=True):
         width = 0.8 / len(keys)
         for i, key in enumerate(keys):
@@ -394,7 +395,7 @@ def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: d
             ax.bar(x + (i - (len(keys) - 1) / 2) * width, [r.get(key, np.nan) for r in rows], width=width, yerr=err,
                    capsize=3, label=key)
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_xticks(x, labels, fontsize=6 if len(rows) > 4 else 8)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, axis="y")
         if len(keys) > 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,7 +177,7 @@ def variant_comparison(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
     runs = {"2.3 model": run} | {name: train_variant(run, name, cfg.progress) for name in cfg.variants}
     rows = []
     for name, r in runs.items():
-        prefix = None if fig_prefix is None else f"{fig_prefix}_{name.replace(' ', '_')}"
+        prefix = None if fig_prefix is None else f"{fig_prefix}_{re.sub(r'[^a-z0-9.]+', '_', name)}"
         samplers = {f"eta{eta:g}": _ddim(cfg.compare_steps, eta) for eta in cfg.ddim_etas}
         references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix)
         rows = rows or [{"model": "-", **row} for row in references]
