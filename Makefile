@@ -27,8 +27,9 @@ figures: $(VENV)/.installed
 notebook: $(VENV)/.installed
 	$(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
 
+# pytest's exit code 5 means it collected no tests: that fails too (make stops on any non-zero code).
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	@$(PY) -m pytest; code=$$?; [ $$code -ne 5 ] || echo "pytest collected no tests" >&2; exit $$code
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -303,7 +303,7 @@ PRESETS = {
     # CI: the tiny SFT model of the smoke profile, a few steps on a handful of fixture pairs.
     "smoke": dict(sft_profile="smoke", run_name="smoke", data_source="chitchat", train_pairs=16, val_pairs=8,
                   block_size=64, batch_size=2, eval_batch_size=4, steps=4, lr=1e-4, warmup_steps=1, eval_interval=2),
-    # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning, one epoch of 48 pairs (~2.5 min on 2 cores).
+    # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning, one epoch of 48 pairs in 24 steps of 2.
     "quick": dict(sft_profile="quick", run_name="quick", train_pairs=48, val_pairs=24, block_size=128,
                   batch_size=2, eval_batch_size=8, steps=24, lr=2e-5, warmup_steps=2, eval_interval=8),
     # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs, the DPO paper's beta, lr and batch 64.
