@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fm.pretrained import hub_reachable
+from common.hub import hub_reachable
 
 Turn = tuple[str, str]
 ROLES = ("Human", "Assistant")
@@ -187,17 +186,14 @@ def load_dialogues(split: str, source: str = "auto") -> list[list[Turn]]:
 def resolve_source(source: str) -> str:
     """The concrete source, "hh" or "chitchat", for `source`.
 
-    "auto" picks HH-RLHF when the Hugging Face hub is reachable (`fm.pretrained.hub_reachable`: a 3 s probe, skipped
+    "auto" picks HH-RLHF when the Hugging Face hub is reachable (`common.hub.hub_reachable`: a 3 s probe, skipped
     when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), else the offline chitchat data, and prints which and why.
     """
     if source not in ("auto", "hh", "chitchat"):
         raise ValueError(f"unknown dialogue source {source!r}; choose 'auto', 'hh' or 'chitchat'")
     if source != "auto":
         return source
-    if os.environ.get("HF_DATASETS_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
-        online, why = False, "HF_DATASETS_OFFLINE is set"
-    else:
-        online, why = hub_reachable()
+    online, why = hub_reachable()
     print(f"dialogues: {'HH-RLHF (' + HH_DATASET + ')' if online else 'chitchat-dataset (offline)'}: {why}")
     return "hh" if online else "chitchat"
 

@@ -25,22 +25,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
 from common import make_config
 from common.config import check
+from common.plotting import save_figure
 from fm.data import encode
 from fm.dpo import dpo_config, dpo_dir, dpo_loss, implicit_reward, rewards_by_kind, train_dpo
 from fm.generate import generate
 from fm.lora import count_parameters
 from fm.preference import load_preference_pairs
 from fm.sft import HOMEWORK_PROMPT, build_sft, load_or_train_sft, sft_config
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def distinct_n(sequences: Sequence[Sequence | str], n: int) -> float:
@@ -401,12 +399,7 @@ def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: d
         if len(keys) > 1:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- 3. preference losses

@@ -258,7 +258,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path) -> GPT:
         """Load a local directory written by `save_pretrained` (ours or transformers'), or a hub name like "gpt2".
 
-        The hub is tried only when it answers (see `fm.pretrained.hub_reachable`); otherwise a clear error.
+        The hub is tried only when it answers (see `common.hub.hub_reachable`); otherwise a clear error.
         """
         path = Path(name_or_path).expanduser()
         if not path.is_dir():

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.hub import hub_reachable
 from fm.data import IGNORE_INDEX, Turn, collate, format_prompt, load_dialogues, parse_dialogue, tokenize_dialogue
 
 Pair = dict[str, str]
@@ -62,8 +63,6 @@ def load_preference_pairs(split: str, source: str = "auto", limit: int | None = 
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive (or None for all pairs), got {limit}")
     if source == "auto":
-        from fm.pretrained import hub_reachable
-
         online, why = hub_reachable()
         source = "hh" if online else "chitchat"
         print(f"preference pairs: {HH_DATASET if online else 'offline chitchat fixture'} ({why})")

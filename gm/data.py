@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import cache_dir, data_dir
+from common.hub import hub_reachable
 
 SPLITS = ("train", "test")
 DATASETS = ("mnist", "cifar10")
@@ -171,21 +172,6 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     tmp.replace(path)  # atomic, so concurrent readers never see a half-written cache
 
 
-def _hub_reachable(timeout: float = HUB_TIMEOUT) -> str | None:
-    """None if the hub answers within `timeout` seconds, else the reason it is not usable."""
-    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("", "0")]
-    if offline:
-        return f"{'/'.join(offline)} is set"
-    try:
-        import requests
-        from huggingface_hub import constants
-
-        requests.head(constants.ENDPOINT, timeout=timeout)
-    except Exception as err:  # noqa: BLE001 - any failure means "not reachable"
-        return f"hub not reachable within {timeout:.0f} s ({type(err).__name__})"
-    return None
-
-
 def _hub(name: str) -> Callable[[str], Arrays]:
     repo, image_key = HUB_REPOS[name]
 
@@ -193,8 +179,8 @@ def _hub(name: str) -> Callable[[str], Arrays]:
         cache = cache_dir() / f"{name}_{split}_hub.npz"
         if cache.is_file():
             return _read_npz(cache)
-        reason = _hub_reachable()
-        if reason:
+        reachable, reason = hub_reachable(HUB_TIMEOUT)
+        if not reachable:
             raise _Unavailable(f"HF datasets {repo}: {reason}")
         import datasets
 

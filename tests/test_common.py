@@ -88,3 +88,15 @@ def test_grid_and_table():
     with pytest.raises(ValueError, match="shape"):
         make_grid(torch.rand(4, 4))
     assert markdown_table([{"a": 1, "b": 0.5}]).splitlines()[2] == "| 1 | 0.5 |"
+
+
+def test_hub_probe_answers_at_once_when_offline(monkeypatch):
+    import time
+
+    from common.hub import hub_reachable
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    reachable, reason = hub_reachable(timeout=5.0)
+    assert not reachable and "HF_DATASETS_OFFLINE" in reason
+    assert time.perf_counter() - start < 0.5

@@ -114,7 +114,7 @@ def test_hub_source_converts_columns(empty_dirs, monkeypatch):
     datasets = pytest.importorskip("datasets")
     pixels = _random_uint8((2, 32, 32, 3), seed=4)
     fake = {"img": [Image.fromarray(p) for p in pixels], "label": [0, 6]}
-    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=data.HUB_TIMEOUT: None)
+    monkeypatch.setattr(data, "hub_reachable", lambda timeout=data.HUB_TIMEOUT: (True, "stubbed"))
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, split: fake if repo == "uoft-cs/cifar10" else None)
     x, y = load_cifar10("test")
     assert y.tolist() == [0, 6]
