@@ -100,3 +100,16 @@ def test_hub_probe_answers_at_once_when_offline(monkeypatch):
     reachable, reason = hub_reachable(timeout=5.0)
     assert not reachable and "HF_DATASETS_OFFLINE" in reason
     assert time.perf_counter() - start < 0.5
+
+
+def test_hub_probe_fails_fast_when_the_host_refuses(monkeypatch):
+    import time
+
+    from common.hub import OFFLINE_VARIABLES, hub_reachable
+
+    for name in OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # local host, nothing listens on 443: refused at once
+    start = time.perf_counter()
+    reachable, reason = hub_reachable(timeout=2.0)
+    assert not reachable and "127.0.0.1" in reason and time.perf_counter() - start < 3.0

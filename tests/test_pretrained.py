@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fm.pretrained as pretrained
 from fm.generate import generate
 from fm.model import GPT
-from fm.pretrained import hub_reachable, load_lm, save_lm
+from fm.pretrained import load_lm, save_lm
 from fm.tokenizer import GPT2Tokenizer
 from tests.test_model import hf_tiny_gpt2
 
@@ -47,16 +47,8 @@ def test_auto_falls_back_to_smollm2_offline(monkeypatch, capsys):
     monkeypatch.setattr(pretrained, "_load", lambda name, device: chosen.append(name) or tiny)
     load_lm("auto", device="cpu")
     assert chosen == ["smollm2-135m"]
-    assert "smollm2-135m (auto: HF_HUB_OFFLINE is set)" in capsys.readouterr().out
-
-
-def test_hub_probe_fails_fast(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed local port: refused at once
-    start = time.perf_counter()
-    reachable, reason = hub_reachable(timeout=2.0)
-    assert not reachable and "127.0.0.1" in reason and time.perf_counter() - start < 3.0
+    out = capsys.readouterr().out
+    assert "smollm2-135m (auto: " in out and "HF_HUB_OFFLINE" in out
 
 
 def test_unknown_name():
