@@ -17,3 +17,22 @@ def _isolated_outputs(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("outputs")
     monkeypatch.setenv("HW3_FIG_DIR", str(root / "fig"))
     monkeypatch.setenv("HW3_CKPT_DIR", str(root / "checkpoints"))
+
+
+@pytest.fixture
+def interrupt_at():
+    """`interrupt_at(setup, step)`: run `setup.trainer.fit` and crash at `step`, as a killed run would.
+
+    `setup` has `trainer`, `step_fn` and `eval_fn`; the checkpoints written before `step` stay on disk.
+    """
+
+    def run(setup, step: int) -> None:
+        def crash(s: int) -> dict[str, float]:
+            if s == step:
+                raise KeyboardInterrupt
+            return setup.step_fn(s)
+
+        with pytest.raises(KeyboardInterrupt):
+            setup.trainer.fit(crash, setup.eval_fn)
+
+    return run

@@ -162,18 +162,11 @@ def test_dpo_training_learns_the_pairs_and_starts_at_chance():
     assert rows[-1]["reward_acc"] == pytest.approx(setup.trainer.eval_log.rows[-1]["val_reward_acc"])
 
 
-def test_dpo_resume_equals_uninterrupted():
+def test_dpo_resume_equals_uninterrupted(interrupt_at):
     full = build(run_name="full", steps=4, eval_interval=2, ckpt_interval=2)
     full.trainer.fit(full.step_fn, full.eval_fn)
     interrupted = build(run_name="resumed", steps=4, eval_interval=2, ckpt_interval=2)
-
-    def crash_at_2(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return interrupted.step_fn(step)
-
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.trainer.fit(crash_at_2, interrupted.eval_fn)
+    interrupt_at(interrupted, 2)
     resumed = build(run_name="resumed", steps=4, eval_interval=2, ckpt_interval=2)
     resumed.trainer.fit(resumed.step_fn, resumed.eval_fn, resume=True)
     for (name, a), (_, b) in zip(full.policy.state_dict().items(), resumed.policy.state_dict().items(), strict=True):

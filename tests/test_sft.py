@@ -50,19 +50,12 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in rows)
 
 
-def test_resume_equals_uninterrupted():
+def test_resume_equals_uninterrupted(interrupt_at):
     full = _build(ckpt_interval=2, run_name="full")
     full.trainer.fit(full.step_fn, full.eval_fn)
 
     interrupted = _build(ckpt_interval=2, run_name="resumed")
-
-    def crash_at_2(step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return interrupted.step_fn(step)
-
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.trainer.fit(crash_at_2, interrupted.eval_fn)
+    interrupt_at(interrupted, 2)
     resumed = _build(seed=1, ckpt_interval=2, run_name="resumed")  # other init: the checkpoint must overwrite it
     resumed.trainer.fit(resumed.step_fn, resumed.eval_fn, resume=True)
 
