@@ -7,6 +7,8 @@ preset of the chosen profile with user overrides and rejects keys the dataclass 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, TypeVar
 
 from common.profile import get_profile
@@ -30,3 +32,13 @@ def check(condition: bool, message: str) -> None:
     """Raise ValueError(message) unless `condition`: for the validation in configs' __post_init__."""
     if not condition:
         raise ValueError(message)
+
+
+def config_digest(cfg: Any, exclude: set[str] | frozenset[str] = frozenset(), length: int = 8) -> str:
+    """Short stable hash of a config dataclass's fields minus `exclude` (bookkeeping such as progress/device).
+
+    Run folders are named with it, so changing any training-relevant setting starts a new run instead of
+    silently reusing a stale one.
+    """
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in exclude}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:length]
