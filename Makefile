@@ -12,16 +12,18 @@ export OMP_WAIT_POLICY
 
 .PHONY: figures test lint notebook setup clean-cache
 
-$(VENV)/.installed: requirements.txt requirements-offline.txt
+$(VENV)/.installed: requirements.txt requirements-offline.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
 
+# make figures PROFILE=full FROM=2_1  restarts the sequence at notebook 2_1 (finished training runs load)
 figures: $(VENV)/.installed
-	$(PY) -m common.run_notebooks --profile $(PROFILE)
+	$(PY) -m common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
 
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed
@@ -36,3 +38,16 @@ lint: $(VENV)/.installed
 
 clean-cache:
 	rm -rf .cache
+
+# make student: the student release in dist/student (solution regions cut out, notebooks without outputs).
+# make grade SUBMISSION=path/to/tree GRADE_OUT=dir: grades a submission (default: this tree) task by task and
+# writes grade.json and grade.md to GRADE_OUT (default: here).
+SUBMISSION ?= .
+GRADE_OUT ?= .
+.PHONY: student grade
+
+student: $(VENV)/.installed
+	$(PY) -m course.release --out dist/student
+
+grade: $(VENV)/.installed
+	$(PY) -m course.grade $(SUBMISSION) --out $(GRADE_OUT)

@@ -1,4 +1,5 @@
-"""Tokens/s of `fm.generate.generate` with and without the KV cache on the GPT-2 (124M) architecture.
+"""Tokens/s of `fm.generate.generate` with and without the KV cache on the GPT-2 (124M) architecture, measured by
+`fm.generate.kv_cache_benchmark` (the one benchmark of the package; notebooks 1.0 and 1.4 call it too).
 
 Random weights are enough: the cost of a forward pass does not depend on the weights. Both runs decode greedily, so
 they must return the same tokens, which the script checks.
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import fig_dir, get_device  # noqa: E402
 from common.plotting import markdown_table  # noqa: E402
-from fm.generate import cache_speedup  # noqa: E402
+from fm.generate import kv_cache_benchmark  # noqa: E402
 from fm.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -39,14 +40,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset(args.preset)).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
-    result = cache_speedup(model, prompt, args.new_tokens, progress=True)
-    if not result["same_tokens"]:
+    (row,) = kv_cache_benchmark(model, prompt, [args.new_tokens], progress=True)
+    if not row["same tokens"]:
         raise AssertionError("cached and uncached greedy generations differ")
-    result.update(preset=args.preset, parameters_M=round(model.num_parameters() / 1e6, 1), prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens, device=str(device), threads=torch.get_num_threads())
-    print(markdown_table(result["rows"]))
+    result = dict(row, preset=args.preset, parameters_M=round(model.num_parameters() / 1e6, 1),
+                  prompt_len=args.prompt_len, device=str(device), threads=torch.get_num_threads())
+    print(markdown_table([row]))
     setting = f"{args.preset}, {result['parameters_M']}M params, {args.new_tokens} new tokens, prompt {args.prompt_len}"
-    print(f"KV-cache speed-up: {result['speedup']:.2f}x ({setting}, {result['threads']} CPU threads)")
+    print(f"KV-cache speed-up: {row['speed-up']:.2f}x ({setting}, {result['threads']} CPU threads)")
     out = args.out or fig_dir() / f"kv_cache_bench_{args.preset}.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -1,4 +1,8 @@
-"""Device choice (CUDA when present, else CPU; override with HW3_DEVICE) and opt-in bf16 autocast."""
+"""Device choice (CUDA when present, else CPU; override with HW3_DEVICE), the CPU thread count, opt-in bf16 autocast.
+
+HW3_NUM_THREADS (optional) sets torch's intra-op CPU threads. It is read here and only here, when `common` is
+imported; no library or notebook code forces a thread count. Unset, torch's default (one per core) stays.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,24 @@ def get_device(override: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def apply_num_threads() -> int | None:
+    """Set torch's intra-op threads to $HW3_NUM_THREADS when it is set; returns that count (None when unset)."""
+    value = os.environ.get("HW3_NUM_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"HW3_NUM_THREADS must be a positive integer (CPU threads for torch), got {value!r}; "
+                         "unset it to use torch's default of one thread per core")
+    if torch.get_num_threads() != int(value):
+        torch.set_num_threads(int(value))
+    return int(value)
+
+
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast when `bf16` is set, otherwise a no-op (fp32 is the default everywhere)."""
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+apply_num_threads()

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 
 class MetricLogger:
-    """Append rows of scalar metrics to `path` (CSV). Columns grow as new keys appear.
+    """Rows of scalar metrics in memory and in the CSV file `path`; columns grow as new keys appear.
 
-    Rows are kept in memory and the file is rewritten on `log`, so the CSV is always complete and readable
-    while a run goes on (the metric logs of this package are at most a few thousand rows).
+    `log` appends one line to the file, so a run of n rows costs O(n) in total; the file is rewritten (through a
+    temporary file and an atomic rename) only when a row brings a new column, or when `restore` replaces the rows
+    on resume. Either way the CSV is always complete and readable while a run goes on, and equals `rows`.
     """
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, rows: list[dict] | None = None):
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, rows: Sequence[dict] = ()):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict] = list(rows or [])
+        self.rows: list[dict] = list(rows)
+        self.columns: list[str] = []
+        self._written = False  # whether the file on disk holds `rows` (a stale file of an earlier run is replaced)
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -27,19 +32,33 @@ class MetricLogger:
                 self._tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, step: int, **metrics: float) -> None:
+        """Add the row {"step": step, **metrics}; values are numbers or one-element tensors (made Python floats)."""
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.rows.append(row)
-        self._write()
+        if self._written and row.keys() <= set(self.columns):
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        else:
+            self._rewrite()
         if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+            for key, value in row.items():
+                if key != "step":
+                    self._tb.add_scalar(key, value, step)
 
-    def _write(self) -> None:
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
+    def restore(self, rows: Sequence[dict]) -> None:
+        """Replace the rows (e.g. with those of a checkpoint) and rewrite the file to match them."""
+        self.rows = list(rows)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
+        tmp.replace(self.path)  # atomic: a reader never sees a half-written file
+        self._written = True
 
     def column(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of the rows that have `key`."""

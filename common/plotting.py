@@ -1,4 +1,4 @@
-"""Figures: loss curves from metric rows, image grids from tensors, markdown tables. No torchvision needed."""
+"""Figures: loss curves, grouped bar charts, image grids from tensors, markdown tables. No torchvision needed."""
 
 from __future__ import annotations
 
@@ -111,3 +111,30 @@ def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfm
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     return text
+
+
+def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: dict[str, Sequence[str]],
+                      path: str | Path, title: str, errors: dict[str, str] | None = None) -> Path:
+    """One panel per entry of `panels` ({y label: [row keys]}), a group of bars per row, labelled by `label_keys`.
+
+    `errors` maps a row key to the key of its error bar (e.g. a standard error).
+    """
+    errors = errors or {}
+    labels = ["\n".join(str(r[k]) for k in label_keys) for r in rows]
+    x = np.arange(len(rows))
+    panel_width = min(7.0, max(4.0, 0.7 * len(rows) + 1.5))
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.2), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], panels.items(), strict=True):
+        width = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            err = [r[errors[key]] for r in rows] if key in errors else None
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, [r.get(key, np.nan) for r in rows], width=width, yerr=err,
+                   capsize=3, label=key)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(x, labels, fontsize=6 if len(rows) > 4 else 8)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

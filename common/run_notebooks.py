@@ -1,8 +1,12 @@
 """Execute notebooks headless, in order, in one profile: `python -m common.run_notebooks [NAME ...] [--profile P]`.
 
-Each notebook runs in a fresh kernel with HW3_PROFILE set. A failing cell stops the run with the notebook's
-name, the cell's index and its source; the wall time of every notebook is printed (and written to
-`fig/notebook_times_<profile>.md` for the report when all notebooks of the profile ran).
+Each notebook runs in a fresh kernel with HW3_PROFILE set. While it runs, the runner prints which cell is running
+and the notebook's own printed output (prints, warnings, the trainer's evaluation lines) as it arrives. A failing
+cell stops the run with the notebook's name, the cell's index and its source; the wall time of every notebook is
+printed (and written to `fig/notebook_times_<profile>.md` for the report when all notebooks of the profile ran).
+
+`--from NAME` restarts the sequence at notebook NAME (e.g. after an interrupted `make figures PROFILE=full`);
+training runs that finished before load their checkpoints instead of training again.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import nbformat
 from nbclient import NotebookClient
@@ -21,6 +27,8 @@ from common.paths import fig_dir, repo_root
 from common.profile import PROFILES
 
 NOTEBOOK_DIR = repo_root() / "notebooks"
+# ipykernel logs this at every start when it talks over local TCP (the default); it says nothing about the notebook.
+TRANSPORT_WARNING = "Kernel is running over TCP without encryption"
 
 
 class NotebookError(RuntimeError):
@@ -43,21 +51,72 @@ def resolve(name: str) -> Path:
     return matches[0]
 
 
-def run_notebook(path: Path, profile: str, timeout: int = 3600) -> float:
-    """Execute `path` in memory (the file on disk stays without outputs); returns wall seconds."""
+def notebooks_from(name: str) -> list[Path]:
+    """The notebooks of the full sequence, from notebook `name` (see `resolve`) to the last."""
+    start = resolve(name)
+    notebooks = list_notebooks()
+    if start not in notebooks:
+        raise NotebookError(f"--from {name!r}: {start} is not one of the notebooks in {NOTEBOOK_DIR}")
+    return notebooks[notebooks.index(start) :]
+
+
+class _EchoingClient(NotebookClient):
+    """A NotebookClient that prints each code cell's start and the notebook's stream output as it arrives."""
+
+    def __init__(self, notebook: nbformat.NotebookNode, echo: bool, **kwargs: Any):
+        super().__init__(notebook, **kwargs)
+        self.echo, self.start_time = echo, time.perf_counter()
+        self.code_cells = [i for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+        if echo:
+            self.on_cell_start = self._announce
+
+    def _announce(self, cell: nbformat.NotebookNode, cell_index: int) -> None:
+        if cell_index in self.code_cells:
+            seconds = time.perf_counter() - self.start_time
+            print(f"-- cell {self.code_cells.index(cell_index) + 1}/{len(self.code_cells)} "
+                  f"(index {cell_index}, {seconds:.0f} s)", flush=True)
+
+    def output(self, outs: list, msg: dict, display_id: str | None, cell_index: int):
+        if self.echo and msg["msg_type"] == "stream":
+            stream = sys.stderr if msg["content"]["name"] == "stderr" else sys.stdout
+            stream.write(msg["content"]["text"])
+            stream.flush()
+        return super().output(outs, msg, display_id, cell_index)
+
+
+def _relay_kernel_stderr(fd: int) -> None:
+    """Copy the kernel process's own stderr (C-level messages, kernel logs) to ours, minus TRANSPORT_WARNING."""
+    with open(fd, encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            if TRANSPORT_WARNING not in line:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+
+def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = False) -> float:
+    """Execute `path` in memory (the file on disk stays without outputs); returns wall seconds.
+
+    With `echo`, prints each code cell's start and the notebook's printed output while it runs.
+    """
     notebook = nbformat.read(path, as_version=4)
     os.environ["HW3_PROFILE"] = profile  # the kernel inherits this process's environment
     resources = {"metadata": {"path": str(path.parent)}}  # cwd of the kernel: notebooks/
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources=resources)
+    client = _EchoingClient(notebook, echo, timeout=timeout, kernel_name="python3", resources=resources)
+    read_end, write_end = os.pipe()
+    relay = threading.Thread(target=_relay_kernel_stderr, args=(read_end,), daemon=True)
+    relay.start()
     start = time.perf_counter()
     try:
-        client.execute()
+        client.execute(stderr=write_end)  # passed on to the kernel's Popen
     except CellExecutionError as err:
         cells = notebook.cells
         failed = [i for i, c in enumerate(cells) if any(o.output_type == "error" for o in c.get("outputs", ()))]
         index = failed[0] if failed else None
         source = notebook.cells[index].source if failed else "?"
         raise NotebookError(f"notebook {path.name} failed in cell {index}:\n{source}\n\n{err}") from None
+    finally:
+        os.close(write_end)  # the kernel has exited: the relay reads to the end of the pipe and stops
+        relay.join(timeout=5)
     return time.perf_counter() - start
 
 
@@ -65,21 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="notebooks to run (default: all, in order)")
     parser.add_argument("--profile", default=os.environ.get("HW3_PROFILE", "quick"), choices=PROFILES)
+    parser.add_argument("--from", dest="start", metavar="NAME",
+                        help="run the sequence from notebook NAME (a name prefix such as 2_1) to the last")
     args = parser.parse_args(argv)
-    paths = [resolve(n) for n in args.names] if args.names else list_notebooks()
+    if args.start and args.names:
+        parser.error("give notebook names or --from NAME, not both")
+    try:
+        paths = notebooks_from(args.start) if args.start else [resolve(n) for n in args.names] or list_notebooks()
+    except NotebookError as err:
+        print(err, file=sys.stderr)
+        return 2
     times = []
     for path in paths:
         print(f"== running {path.name} (profile {args.profile})", flush=True)
         try:
-            seconds = run_notebook(path, args.profile)
+            seconds = run_notebook(path, args.profile, echo=True)
         except NotebookError as err:
             print(err, file=sys.stderr)
+            if not args.names:
+                print(f"== to restart the sequence here: make figures PROFILE={args.profile} FROM={path.stem}",
+                      file=sys.stderr)
             return 1
         times.append((path.name, seconds))
         print(f"== {path.name}: {seconds:.1f} s", flush=True)
     total = sum(s for _, s in times)
-    print(f"== all {len(times)} notebooks: {total:.1f} s")
-    if not args.names and args.profile != "smoke":
+    print(f"== {len(times)} notebooks: {total:.1f} s")
+    if paths == list_notebooks() and not args.names and args.profile != "smoke":
         lines = ["| notebook | wall time (s) |", "|---|---|"] + [f"| {n} | {s:.0f} |" for n, s in times]
         lines.append(f"| total | {total:.0f} |")
         (fig_dir() / f"notebook_times_{args.profile}.md").write_text("\n".join(lines) + "\n")

@@ -5,6 +5,10 @@ A task supplies `step_fn(step) -> metrics`: it fetches the batch of that step, c
 The loop owns everything else: train/eval modes, progress bar, CSV metrics, periodic evaluation,
 gradient clipping, LR schedules, EMA updates, and checkpoints that resume bit-for-bit (module, optimizer,
 scheduler, EMA and RNG states, plus the metric rows so far).
+
+Metric values may be Python numbers or detached 0-d tensors. The loop turns them into floats only every
+`log_interval` steps (and at the last step), so on a GPU the steps in between queue up without waiting for the
+device: the `.item()` of a logged row is the one host sync of its interval (as nanoGPT's `log_interval`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +26,28 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm.auto import tqdm
 
+from common.data import batch_indices
 from common.device import autocast
 from common.ema import EMA
+from common.io import atomic_save
 from common.logging import MetricLogger
 
-StepFn = Callable[[int], dict[str, float]]
-EvalFn = Callable[[int], dict[str, float]]
+Metrics = dict[str, float | torch.Tensor]  # numbers or one-element tensors, made floats when logged
+StepFn = Callable[[int], Metrics]
+EvalFn = Callable[[int], Metrics]
+
+
+def as_floats(metrics: Metrics) -> dict[str, float]:
+    """`metrics` with every value a Python float. A tensor's `.item()` waits for the device (a host sync)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"metric {key!r} must be a number or a one-element tensor, got a tensor of shape "
+                                 f"{tuple(value.shape)}; reduce it (e.g. .mean()) in the step function")
+            value = value.item()
+        out[key] = float(value)
+    return out
 
 
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> LambdaLR:
@@ -43,6 +63,12 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min
 
 
 class Trainer:
+    """Runs `steps` optimisation steps of a task's `step_fn` in `run_dir` (train.csv, eval.csv, checkpoint.pt).
+
+    Train metrics are logged every `log_interval` steps and at the last step; evaluation runs at step 0, every
+    `eval_interval` steps and at the end; checkpoints every `ckpt_interval` steps and at the end (0: never between).
+    """
+
     def __init__(
         self,
         run_dir: str | Path,
@@ -55,6 +81,7 @@ class Trainer:
         grad_clip: float | None = 1.0,
         eval_interval: int = 0,
         ckpt_interval: int = 0,
+        log_interval: int = 1,
         device: torch.device | None = None,
         bf16: bool = False,
         desc: str = "train",
@@ -62,6 +89,8 @@ class Trainer:
     ):
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
+        if log_interval <= 0:
+            raise ValueError(f"log_interval must be positive (1 logs every step), got {log_interval}")
         unknown = set(optimizers) - set(modules)
         if unknown:
             raise ValueError(f"optimizers {sorted(unknown)} have no module of the same name in {sorted(modules)}")
@@ -71,7 +100,7 @@ class Trainer:
         self.schedulers = schedulers or {}
         self.ema = ema or {}
         self.steps, self.grad_clip = steps, grad_clip
-        self.eval_interval, self.ckpt_interval = eval_interval, ckpt_interval
+        self.eval_interval, self.ckpt_interval, self.log_interval = eval_interval, ckpt_interval, log_interval
         self.device = device or next(next(iter(modules.values())).parameters()).device
         self.bf16, self.desc, self.progress = bf16, desc, progress
         self.train_log = MetricLogger(self.run_dir / "train.csv", tensorboard_dir=self.run_dir / "tb")
@@ -85,14 +114,17 @@ class Trainer:
     def autocast(self):
         return autocast(self.device, self.bf16)
 
-    def optimizer_step(self, name: str) -> float:
-        """Clip, step and zero the grads of optimizer `name`; advance its schedule and EMA. Returns the grad norm."""
+    def optimizer_step(self, name: str) -> torch.Tensor:
+        """Clip, step and zero the grads of optimizer `name`; advance its schedule and EMA.
+
+        Returns the gradient norm before clipping as a 0-d tensor on the device (no host sync; a metric value).
+        """
         optimizer = self.optimizers[name]
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self.grad_clip:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if name in self.schedulers:
@@ -102,25 +134,36 @@ class Trainer:
         return norm
 
     def fit(self, step_fn: StepFn, eval_fn: EvalFn | None = None, resume: bool = False) -> Trainer:
-        """Run steps `self.step .. steps-1`. With `resume`, continue from the checkpoint in `run_dir` if present."""
+        """Run steps `self.step .. steps-1`. With `resume`, continue from the checkpoint in `run_dir` if present.
+
+        A logged row holds the metrics of its step, `lr`, and `step_time`: the mean wall seconds per step since the
+        previous row, measured around the step functions and the row's host sync (evaluation and checkpoints are
+        not counted), so it is the device's time per step on a GPU too.
+        """
         if resume and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
         if self.step == 0 and eval_fn is not None:
             self._evaluate(eval_fn)
         bar = tqdm(range(self.step, self.steps), initial=self.step, total=self.steps, desc=self.desc,
                    disable=not self.progress, dynamic_ncols=True)
+        busy, unlogged = 0.0, 0  # seconds and steps since the last logged row
         for step in bar:
             for module in self.modules.values():
                 module.train()
             start = time.perf_counter()
             metrics = step_fn(step)
-            metrics["step_time"] = time.perf_counter() - start
-            first_opt = next(iter(self.optimizers.values()))
-            metrics.setdefault("lr", first_opt.param_groups[0]["lr"])
-            self.step = step + 1
-            self.train_log.log(self.step, **metrics)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})
+            self.step, unlogged = step + 1, unlogged + 1
             last = self.step == self.steps
+            if last or self.step % self.log_interval == 0:
+                row = as_floats(metrics)  # host sync: waits for the steps queued since the last row
+                busy += time.perf_counter() - start
+                row["step_time"] = busy / unlogged
+                row.setdefault("lr", next(iter(self.optimizers.values())).param_groups[0]["lr"])
+                self.train_log.log(self.step, **row)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if "loss" in k})
+                busy, unlogged = 0.0, 0
+            else:
+                busy += time.perf_counter() - start
             if eval_fn is not None and (last or (self.eval_interval and self.step % self.eval_interval == 0)):
                 self._evaluate(eval_fn)
             if last or (self.ckpt_interval and self.step % self.ckpt_interval == 0):
@@ -132,7 +175,7 @@ class Trainer:
         for module in self.modules.values():
             module.eval()
         with torch.no_grad():
-            metrics = eval_fn(self.step)
+            metrics = as_floats(eval_fn(self.step))
         self.eval_log.log(self.step, **metrics)
         if self.progress:
             tqdm.write(f"[{self.desc}] step {self.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -155,10 +198,7 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)  # atomic: an interrupted save never leaves a truncated checkpoint
+        atomic_save(self.state_dict(), path)  # an interrupted save never leaves a truncated checkpoint
 
     def load(self, path: str | Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -179,6 +219,104 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
-        self.train_log.rows = list(state["train_rows"])
-        self.eval_log.rows = list(state["eval_rows"])
+        # The CSVs may hold rows logged after this checkpoint (a run killed between checkpoints): rewrite them.
+        self.train_log.restore(state["train_rows"])
+        self.eval_log.restore(state["eval_rows"])
         self.step = state["step"]
+
+
+# ---------------------------------------------------------------------------------------------- step / eval helpers
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def batch_rows(batch: Batch) -> int:
+    """Rows (examples) of a batch: the default count of the items a loss averages over."""
+    return next(iter(batch.values())).shape[0]
+
+
+def make_step_fn(
+    trainer: Trainer,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_fn: Callable[[list[int]], Batch],
+    *,
+    n_examples: int,
+    batch_size: int,
+    grad_accum: int = 1,
+    seed: int = 0,
+    optimizer: str = "policy",
+    items_fn: Callable[[Batch], int] = batch_rows,
+) -> StepFn:
+    """A `Trainer.fit` step: `grad_accum` micro-batches of `batch_size` examples, backward, one optimizer step.
+
+    `loss_fn(model, batch) -> (loss, metrics)` returns the mean over the batch's items, which `items_fn` counts
+    (rows by default; supervised tokens for SFT). Micro-batch k, with n_k of the step's N items, is weighted by
+    n_k / N, so the step's loss and gradients are those of one batch of `batch_size * grad_accum` examples (as
+    TRL's SFTTrainer normalises by the items of the whole accumulated batch). Each micro-batch needs >= 1 item.
+
+    The examples of a step are `common.data.batch_indices(n_examples, batch_size * grad_accum, step, seed)`, so a
+    resumed run sees the same data; `batch_fn(indices)` builds their batch on the host (moved to the trainer's
+    device here). Metrics: the same weighted means of what `loss_fn` returns, left as detached device tensors (no
+    host sync here; the Trainer reads them at log steps), `tokens_per_s` (real tokens, from the host-side
+    attention masks) and `grad_norm`.
+    """
+
+    def step_fn(step: int) -> dict[str, torch.Tensor | float]:
+        start = time.perf_counter()
+        indices = batch_indices(n_examples, batch_size * grad_accum, step, seed)
+        batches = [batch_fn(chunk.tolist()) for chunk in indices.split(batch_size)]
+        items = [int(items_fn(batch)) for batch in batches]  # host tensors: no device sync
+        total = sum(items)
+        metrics: dict[str, torch.Tensor | float] = {}
+        for batch, n in zip(batches, items, strict=True):
+            with trainer.autocast():
+                loss, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batch.items()})
+            (loss * (n / total)).backward()
+            for key, value in values.items():
+                metrics[key] = metrics.get(key, 0.0) + value.detach() * (n / total)
+        metrics["grad_norm"] = trainer.optimizer_step(optimizer)
+        if all("attention_mask" in batch for batch in batches):
+            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+            metrics["tokens_per_s"] = tokens / (time.perf_counter() - start)
+        return metrics
+
+    return step_fn
+
+
+def make_eval_fn(
+    trainer: Trainer,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    prefix: str = "val_",
+    items_fn: Callable[[Batch], int] = batch_rows,
+) -> EvalFn:
+    """An eval function for `Trainer.fit`: the metrics of `loss_fn` over fixed `batches`, keys prefixed.
+
+    Each metric is the mean over all items of the batches (batch means weighted by `items_fn`, as in
+    `make_step_fn`), so it does not depend on how the evaluation set is cut into batches.
+    """
+    if not batches:
+        raise ValueError("make_eval_fn needs at least one validation batch")
+    items = [int(items_fn(batch)) for batch in batches]
+    total = sum(items)
+
+    def eval_fn(step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for batch, n in zip(batches, items, strict=True):
+            with trainer.autocast():
+                _, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batch.items()})
+            for key, value in values.items():
+                metrics[prefix + key] = metrics.get(prefix + key, 0.0) + float(value) * (n / total)
+        return metrics
+
+    return eval_fn
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters; matrices decay, biases and norms do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)

@@ -26,10 +26,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from common.hub import hub_reachable
+from fm.losses import IGNORE_INDEX
 
 Turn = tuple[str, str]
 ROLES = ("Human", "Assistant")
-IGNORE_INDEX = -100
 HH_DATASET = "Anthropic/hh-rlhf"
 VALIDATION_FRACTION = 0.05
 SPLIT_SEED = 1234
@@ -120,21 +120,34 @@ def _tokenize_head(tokenizer, turns: Sequence[Turn], block_size: int, only_last:
     used = 2 * len(kept)
     if not kept:  # the first exchange alone is too long: keep its head, truncated below
         kept, used = exchanges[:1], 2
+    example = sft_labels(kept, only_last)
+    return {key: ids[:block_size] for key, ids in example.items()}, used
+
+
+def sft_labels(exchanges: Sequence[Sequence[tuple[list[int], bool]]], only_last: bool = False) -> dict:
+    """The SFT loss mask: token ids and labels of tokenized exchanges.
+
+    Each exchange is a list of (ids, supervised) pieces: the "Human: ..." turn and "Assistant:" header are not
+    supervised, the reply (+ EOS) is. Labels equal the ids on supervised pieces and are IGNORE_INDEX elsewhere; with
+    `only_last`, only the last exchange's reply is supervised. Returns {"input_ids": [...], "labels": [...]} of equal
+    length, not shifted (the loss shifts).
+    """
+    ### BEGIN SOLUTION
     input_ids: list[int] = []
     labels: list[int] = []
-    last_reply = len(kept) - 1
-    for i, ex in enumerate(kept):
-        for ids, supervised in ex:
-            use = supervised and (not only_last or i == last_reply)
+    last = len(exchanges) - 1
+    for i, exchange in enumerate(exchanges):
+        for ids, supervised in exchange:
             input_ids += ids
-            labels += ids if use else [IGNORE_INDEX] * len(ids)
-    return {"input_ids": input_ids[:block_size], "labels": labels[:block_size]}, used
+            labels += ids if supervised and (not only_last or i == last) else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+    ### END SOLUTION
 
 
 def tokenize_dialogues(
     tokenizer, dialogues: Sequence[Sequence[Turn]], block_size: int, only_last: bool = False, windows: bool = False
 ) -> list[dict]:
-    """`tokenize_dialogue` over a data set, dropping examples left without any supervised token.
+    """`tokenize_dialogue` over a data set, dropping examples left without any supervised token to predict.
 
     With `windows`, a dialogue longer than the block gives consecutive examples, each starting at a Human turn where
     the previous one stopped, so that the model also learns from the middle of conversations, not only from their
@@ -147,7 +160,8 @@ def tokenize_dialogues(
             example, used = _tokenize_head(tokenizer, turns[start:], block_size, only_last)
             examples.append(example)
             start = start + used if windows else len(turns)
-    return [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"])]
+    # labels[1:]: token 0 is never predicted, so a label there alone would leave the loss nothing to average
+    return [ex for ex in examples if any(label != IGNORE_INDEX for label in ex["labels"][1:])]
 
 
 def collate(examples: Sequence[dict], pad_token_id: int | None) -> dict[str, torch.Tensor]:

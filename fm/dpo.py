@@ -5,13 +5,15 @@ r(x, y) = beta * log(pi(y|x) / pi_ref(y|x)) goes into the Bradley-Terry likeliho
 loop are needed. Pieces, each with one job:
 
 - `sequence_logps`: summed log-probability of the response tokens of each sequence.
-- `dpo_loss`: the loss and the implicit rewards from the four log-probs of a batch of pairs.
+- `dpo_loss`, `ipo_loss`: a loss per pair and the implicit rewards from the four log-probs of a batch of pairs;
+  `PREFERENCE_LOSSES` names the variants a run can use (DPO, conservative DPO, IPO).
 - `concatenated_logps`: chosen and rejected through the policy in ONE forward pass.
 - `build_preference_data`: tokenized pairs with the frozen SFT model's log-probs, computed once and cached (on a CPU
   a reference forward pass in every step would cost a third of the step).
-- `train_dpo`: the training run, on the package's one training loop (`common.trainer.Trainer`).
-- `implicit_reward`: scores any (prompt, response) with beta * log(pi / pi_ref) (used by the enhancement task).
-- `conditional_vs_joint` and `gradient_weighting_check`: the numerical checks of 1.3.1 and of the DPO gradient.
+- `train_dpo`: the training run, on the package's one training loop, saving the policy (`load_dpo_models` reads it).
+
+The analysis of a trained policy (the 1.3.1 identity, the gradient check, rewards by kind, the implicit reward of any
+response) is in `fm.dpo_analysis`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import checkpoint_dir, get_device, make_config, seed_everything
+from common import get_device, make_config, seed_everything
 from common.config import check
-from common.trainer import EvalFn, StepFn, Trainer, warmup_cosine
-from fm.data import IGNORE_INDEX, collate
-from fm.preference import Pair, collate_pairs, is_scored, load_preference_pairs, tokenize_pair, tokenize_response
+from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
+from fm.preference import Pair, collate_pairs, is_scored, load_preference_pairs, tokenize_pair
+from fm.pretrained import load_lm
+from fm.sft import load_or_train_sft, sft_config
+from fm.tokenizer import padding_id
+from fm.training import LMTrainConfig, check_block_size, is_saved, make_trainer, run_folder, save_trained
 
-Batch = dict[str, torch.Tensor]
-PreferenceLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the signature of `dpo_loss`
+Tensor = torch.Tensor
+PreferenceLoss = Callable[..., tuple[Tensor, Tensor, Tensor]]  # the signature of `dpo_loss`
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -55,33 +60,55 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     return (token_logps * mask).sum(-1)
 
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _check_logps(logps: tuple[Tensor, Tensor, Tensor, Tensor], beta: float) -> None:
+    shapes = [tuple(x.shape) for x in logps]
+    if any(len(s) != 1 for s in shapes) or len(set(shapes)) != 1:
+        raise ValueError(f"a preference loss needs four log-prob tensors of the same shape (B,), got shapes {shapes}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 (it scales the implicit reward), got {beta}")
+
+
+def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """DPO loss per pair and the implicit rewards, all (B,).
 
+    Inputs: log-probs of the chosen and rejected responses under the policy, then under the reference, each (B,).
     losses = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))); with `label_smoothing` eps > 0 the
     conservative variant -(1 - eps) log sigmoid(h) - eps log sigmoid(-h), which assumes a fraction eps of the labels
     are flipped. Rewards are beta * (pi - ref), detached (they are metrics, not part of the graph).
     """
-    logps = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-    shapes = [tuple(x.shape) for x in logps]
-    if any(len(s) != 1 for s in shapes) or len(set(shapes)) != 1:
-        raise ValueError(f"dpo_loss needs four log-prob tensors of the same shape (B,), got shapes {shapes}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0 (it scales the implicit reward), got {beta}")
+    _check_logps((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps), beta)
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    ### BEGIN SOLUTION
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    ### END SOLUTION
+
+
+def ipo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al., 2023): squared distance of the log-ratio margin from 1 / (2 beta); `dpo_loss`'s signature.
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l));  loss = (h - 1 / (2 beta))^2.
+    DPO's -log sigmoid(beta h) keeps pushing h up even when the preference is already certain, which overfits
+    deterministic preference data; IPO regresses h to a finite target instead. All inputs (B,); returns
+    (losses, chosen_rewards, rejected_rewards), each (B,), rewards = beta * log-ratio detached, as `dpo_loss` does.
+    """
+    _check_logps((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps), beta)
+    if label_smoothing != 0.0:
+        raise ValueError("IPO has no label smoothing (its target margin already bounds the loss); pass 0.0")
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# The losses a DPO run can use (`DPOConfig.loss`); "cdpo" is `dpo_loss` with label smoothing (conservative DPO).
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {"dpo": dpo_loss, "cdpo": dpo_loss, "ipo": ipo_loss}
 
 
 def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -93,7 +120,7 @@ def concatenated_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     """Chosen and rejected log-probs from one forward pass on the concatenated batch.
 
     `batch` holds input_ids, attention_mask and loss_mask of shape (2B, T): rows 0..B-1 are the chosen responses,
-    rows B..2B-1 the rejected ones (see `PairCollator`). Returns (chosen_logps, rejected_logps), each (B,).
+    rows B..2B-1 the rejected ones (see `collate_pairs`). Returns (chosen_logps, rejected_logps), each (B,).
     """
     n = batch["input_ids"].shape[0]
     if n % 2:
@@ -103,80 +130,7 @@ def concatenated_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return logps[: n // 2], logps[n // 2 :]
 
 
-@torch.no_grad()
-def conditional_vs_joint(policy: nn.Module, reference: nn.Module, tokenizer, pair: Pair, beta: float = 0.1,
-                         block_size: int = 1024) -> dict[str, float]:
-    """Both sides of the 1.3.1 identity for one prompt x and its two responses y_w (chosen), y_l (rejected).
-
-    conditional: beta * [log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)], response tokens scored only;
-    joint:       the same with log p(x, y) = log p(x) + log p(y|x), every token after a BOS scored (the BOS makes
-                 log p(x) a proper sum over all prompt tokens, x_1 included).
-    Also returns the log p(x) terms of both models, which are far from zero, so the match is not trivial.
-    """
-    bos = getattr(tokenizer, "bos_token_id", None)
-    bos = tokenizer.eos_token_id if bos is None else bos
-    rows = {}
-    for name, example in zip(("chosen", "rejected"), tokenize_pair(tokenizer, pair, block_size), strict=True):
-        seq = [bos, *example["input_ids"]]
-        response = [0, *(int(label != IGNORE_INDEX) for label in example["labels"])]
-        rows[name] = (seq, response, [0] + [1] * (len(seq) - 1))
-    out: dict[str, float] = {}
-    for tag, model in (("policy", policy), ("reference", reference)):
-        device = next(model.parameters()).device
-        for name, (seq, cond_mask, joint_mask) in rows.items():
-            ids = torch.tensor([seq, seq], device=device)
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            cond, joint = sequence_logps(logits, ids, torch.tensor([cond_mask, joint_mask], device=device)).tolist()
-            out[f"{tag}_{name}_conditional"], out[f"{tag}_{name}_joint"] = cond, joint
-        out[f"{tag}_log_p_prompt"] = out[f"{tag}_chosen_joint"] - out[f"{tag}_chosen_conditional"]
-    for form in ("conditional", "joint"):
-        out[f"margin_{form}"] = beta * (
-            (out[f"policy_chosen_{form}"] - out[f"reference_chosen_{form}"])
-            - (out[f"policy_rejected_{form}"] - out[f"reference_rejected_{form}"])
-        )
-    out["abs_difference"] = abs(out["margin_conditional"] - out["margin_joint"])
-    return out
-
-
-def gradient_weighting_check(
-    policy: nn.Module,
-    batch: dict[str, torch.Tensor],
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float = 0.1,
-) -> dict[str, float]:
-    """Autograd gradient of the DPO loss vs the closed form, on the policy's parameters.
-
-    Closed form: grad sum_i loss_i = sum_i -beta * sigmoid(r_l,i - r_w,i) * (grad log pi(y_w,i) - grad log pi(y_l,i)),
-    with r the implicit rewards. The weights are computed from the rewards alone, then applied to the log-prob
-    gradients; a mismatch would mean the loss is not the DPO objective. Returns the relative error of the
-    parameter gradient, the max error of d loss / d log pi, and the per-pair weights.
-    """
-    params = [p for p in policy.parameters() if p.requires_grad]
-    chosen, rejected = concatenated_logps(policy, batch)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen, rejected, reference_chosen_logps, reference_rejected_logps, beta=beta
-    )
-    grad_logps = torch.autograd.grad(losses.sum(), (chosen, rejected), retain_graph=True)
-    grad_auto = torch.autograd.grad(losses.sum(), params, retain_graph=True)
-    weights = beta * torch.sigmoid(rejected_rewards - chosen_rewards)  # large when the pair is ranked wrongly
-    grad_formula = torch.autograd.grad((-weights * (chosen - rejected)).sum(), params)
-    auto, formula = torch.cat([g.flatten() for g in grad_auto]), torch.cat([g.flatten() for g in grad_formula])
-    return {
-        "param_grad_rel_error": float((auto - formula).norm() / formula.norm().clamp_min(1e-30)),
-        "logp_grad_max_error": float(
-            torch.maximum((grad_logps[0] + weights).abs().max(), (grad_logps[1] - weights).abs().max())
-        ),
-        "param_grad_norm": float(auto.norm()),
-        "weights": weights.tolist(),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- data with references
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def pair_logps(model: nn.Module, examples: Sequence[tuple[dict, dict]], pad_token_id: int, batch_size: int,
                desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,79 +178,73 @@ def build_preference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module
             kinds.append(pair.get("kind", ""))
     if not examples:
         raise ValueError(f"no preference pair keeps a response token within block_size={block_size}")
-    chosen, rejected = pair_logps(reference.eval(), examples, pad_id(tokenizer), batch_size, desc=desc)
-    return PreferenceData(examples, kinds, chosen, rejected, pad_id(tokenizer))
+    chosen, rejected = pair_logps(reference.eval(), examples, padding_id(tokenizer), batch_size, desc=desc)
+    return PreferenceData(examples, kinds, chosen, rejected, padding_id(tokenizer))
 
 
 # ---------------------------------------------------------------------------------------------- loss for the loop
 def make_preference_loss_fn(beta: float, label_smoothing: float = 0.0, loss: PreferenceLoss = dpo_loss):
-    """`loss_fn(policy, batch) -> (loss, metrics)` for `fm.sft.make_step_fn` / `make_eval_fn`.
+    """`loss_fn(policy, batch) -> (loss, metrics)` for `common.trainer.make_step_fn` / `make_eval_fn`.
 
-    The batch is a `PreferenceData.batch`: policy log-probs come from one concatenated forward pass, the
-    reference log-probs from the cache. Metrics: loss, reward accuracy, chosen/rejected rewards, margin, the
-    policy's mean log-probs of both sides, and tokens (for tokens/s).
+    The batch is a `PreferenceData.batch`: policy log-probs come from one concatenated forward pass, the reference
+    log-probs from the cache. The loss is the mean over the pairs. Metrics, named as TRL's DPOTrainer names them
+    (detached 0-d tensors): loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
+    logps/chosen, logps/rejected (the policy's mean log-probs of both sides).
     """
 
-    def loss_fn(policy: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(policy: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = concatenated_logps(policy, batch)
         losses, chosen_rewards, rejected_rewards = loss(
             chosen, rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
             beta=beta, label_smoothing=label_smoothing,
         )
-        return losses.mean(), {
-            "loss": losses.mean().item(),
-            "reward_acc": reward_accuracy(chosen_rewards, rejected_rewards).mean().item(),
-            "chosen_reward": chosen_rewards.mean().item(),
-            "rejected_reward": rejected_rewards.mean().item(),
-            "margin": (chosen_rewards - rejected_rewards).mean().item(),
-            "chosen_logp": chosen.mean().item(),
-            "rejected_logp": rejected.mean().item(),
-            "tokens": float(batch["attention_mask"].sum()),
+        loss_value = losses.mean()
+        return loss_value, {
+            "loss": loss_value.detach(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": reward_accuracy(chosen_rewards, rejected_rewards).mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
         }
 
     return loss_fn
 
 
+def pairs_in(batch: Batch) -> int:
+    """Pairs of a `PreferenceData.batch`: what the preference losses average over."""
+    return batch["reference_chosen_logps"].shape[0]
+
+
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
-class DPOConfig:
+class DPOConfig(LMTrainConfig):
+    """DPO run: the shared fields of `fm.training.LMTrainConfig` (block_size counts prompt + response tokens,
+    batch_size pairs per micro-batch, i.e. 2 x batch_size sequences in one forward pass) plus the SFT start, the
+    loss and the pairs."""
+
     sft_profile: str = "quick"  # the policy and the reference start from fm.sft.load_or_train_sft(sft_profile)
-    run_name: str = "quick"  # outputs go to checkpoint_dir()/dpo/<run_name>/
-    data_source: str = "auto"  # auto | hh | chitchat (fm.preference.load_preference_pairs)
-    train_pairs: int = 0  # first n training pairs of a seeded shuffle (0 = all)
-    val_pairs: int = 48  # held-out pairs for the validation metrics
-    block_size: int = 128  # tokens of prompt + response; the oldest prompt turns go first
+    loss: str = "dpo"  # a key of PREFERENCE_LOSSES: dpo | cdpo (needs label_smoothing > 0) | ipo
     beta: float = 0.1  # strength of the KL tie to the reference (the implicit reward's scale)
     label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels
-    batch_size: int = 4  # pairs per micro-batch: 2 x batch_size sequences in one forward pass
-    grad_accum: int = 1
+    train_pairs: int = 0  # first n training pairs of a seeded shuffle (0 = all)
+    val_pairs: int = 48  # held-out pairs for the validation metrics
     eval_batch_size: int = 8  # pairs per validation / reference batch
-    steps: int = 60
-    lr: float = 1e-5
-    warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_interval: int = 20
-    ckpt_interval: int = 0  # 0: checkpoint at the end only
-    bf16: bool = False
-    seed: int = 0
-    device: str | None = None  # None: common.get_device()
 
     def __post_init__(self):
-        for name in ("val_pairs", "block_size", "batch_size", "grad_accum", "eval_batch_size", "steps"):
+        super().__post_init__()
+        for name in ("val_pairs", "eval_batch_size"):
             check(getattr(self, name) > 0, f"DPOConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("train_pairs", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "ckpt_interval"):
-            check(getattr(self, name) >= 0, f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        check(self.train_pairs >= 0, f"DPOConfig.train_pairs must be >= 0, got {self.train_pairs}")
         check(self.beta > 0, f"DPOConfig.beta must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.lr > 0, f"DPOConfig.lr must be positive, got {self.lr}")
-        check(self.warmup_steps < self.steps, f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
-        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.data_source in ("auto", "hh", "chitchat"),
-              f"data_source must be auto, hh or chitchat, got {self.data_source!r}")
-        check(self.train_pairs == 0 or self.train_pairs >= self.batch_size * self.grad_accum,
-              f"train_pairs ({self.train_pairs}) must cover one batch of {self.batch_size * self.grad_accum}")
+        check(self.loss in PREFERENCE_LOSSES, f"DPOConfig.loss must be one of {sorted(PREFERENCE_LOSSES)}, "
+                                              f"got {self.loss!r}")
+        check(self.loss != "cdpo" or self.label_smoothing > 0, "loss='cdpo' needs label_smoothing > 0")
+        check(self.loss != "ipo" or self.label_smoothing == 0, "loss='ipo' has no label smoothing; set it to 0")
+        check(self.train_pairs == 0 or self.train_pairs >= self.examples_per_step,
+              f"train_pairs ({self.train_pairs}) must cover one batch of {self.examples_per_step}")
 
 
 PRESETS = {
@@ -309,13 +257,19 @@ PRESETS = {
     # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs, the DPO paper's beta, lr and batch 64.
     "full": dict(sft_profile="full", run_name="full", val_pairs=512, block_size=512, batch_size=8, grad_accum=8,
                  eval_batch_size=16, steps=2000, lr=1e-6, warmup_steps=150, min_lr_ratio=1.0, eval_interval=200,
-                 ckpt_interval=200),
+                 ckpt_interval=200, log_interval=10),
 }
 
 
 def dpo_config(profile: str | None = None, **overrides) -> DPOConfig:
     """The DPO config of `profile` (default $HW3_PROFILE or quick) with `overrides`."""
     return make_config(DPOConfig, PRESETS, profile, **overrides)
+
+
+def dpo_dir(cfg: DPOConfig) -> Path:
+    """Run folder of `cfg`, named by its training-relevant fields and by the SFT run it starts from: the trained
+    policy; metrics CSVs and the checkpoint that `resume` continues from in run/."""
+    return run_folder("dpo", cfg, f"sft-{sft_config(cfg.sft_profile).digest()}")
 
 
 @dataclass
@@ -333,23 +287,19 @@ class DPOSetup:
     val_data: PreferenceData
 
 
-def build_dpo(cfg: DPOConfig, loss: PreferenceLoss = dpo_loss, model: nn.Module | None = None,
-              tokenizer=None) -> DPOSetup:
+def build_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None) -> DPOSetup:
     """Reference, policy, data with cached reference log-probs, and the trainer for `cfg`.
 
     The reference is `model` if given, else `fm.sft.load_or_train_sft(cfg.sft_profile)` (trained first when it is
-    not saved yet); it is frozen, and the policy is a copy of it. `loss` has the signature of `dpo_loss` (e.g. IPO).
+    not saved yet); it is frozen, and the policy is a copy of it. The loss is `PREFERENCE_LOSSES[cfg.loss]`. The run
+    folder is keyed by `cfg`: a given `model` should be the SFT model of `cfg.sft_profile`.
     """
-    from fm.sft import build_optimizer, context_length, load_or_train_sft, make_eval_fn, make_step_fn
-
     seed_everything(cfg.seed)
     reference, tokenizer = (model, tokenizer) if model is not None else load_or_train_sft(cfg.sft_profile)
     if tokenizer is None:
         raise ValueError("build_dpo got a model without its tokenizer")
-    if cfg.block_size > context_length(reference):
-        raise ValueError(f"block_size {cfg.block_size} exceeds the model's context length {context_length(reference)}")
-    device = get_device(cfg.device)
-    reference.to(device).eval().requires_grad_(False)
+    check_block_size(cfg.block_size, reference)
+    reference.to(get_device(cfg.device)).eval().requires_grad_(False)
     policy = disable_dropout(copy.deepcopy(reference).requires_grad_(True))
 
     train_pairs = load_preference_pairs("train", cfg.data_source, cfg.train_pairs or None, cfg.seed)
@@ -358,24 +308,19 @@ def build_dpo(cfg: DPOConfig, loss: PreferenceLoss = dpo_loss, model: nn.Module 
                                   desc="reference log-probs (train)")
     val = build_preference_data(val_pairs, tokenizer, reference, cfg.block_size, cfg.eval_batch_size,
                                 desc="reference log-probs (val)")
-    if len(train) < cfg.batch_size * cfg.grad_accum:
-        raise ValueError(f"{len(train)} training pairs cannot fill a batch of {cfg.batch_size * cfg.grad_accum}")
-    print(f"DPO: {len(train)} train / {len(val)} validation pairs of <= {cfg.block_size} tokens, beta={cfg.beta}")
+    if len(train) < cfg.examples_per_step:
+        raise ValueError(f"{len(train)} training pairs cannot fill a batch of {cfg.examples_per_step}")
+    print(f"DPO ({cfg.loss}): {len(train)} train / {len(val)} validation pairs of <= {cfg.block_size} tokens, "
+          f"beta={cfg.beta}")
 
-    optimizer = build_optimizer(policy, cfg.lr, cfg.weight_decay)
-    trainer = Trainer(
-        dpo_dir(cfg), {"policy": policy}, {"policy": optimizer}, steps=cfg.steps,
-        schedulers={"policy": warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)},
-        grad_clip=cfg.grad_clip or None, eval_interval=cfg.eval_interval, ckpt_interval=cfg.ckpt_interval,
-        device=device, bf16=cfg.bf16, desc="dpo",
-    )
-    loss_fn = make_preference_loss_fn(cfg.beta, cfg.label_smoothing, loss)
+    trainer = make_trainer(cfg, policy, dpo_dir(cfg) / "run", desc="dpo")
+    loss_fn = make_preference_loss_fn(cfg.beta, cfg.label_smoothing, PREFERENCE_LOSSES[cfg.loss])
     step_fn = make_step_fn(trainer, policy, loss_fn, train.batch, n_examples=len(train), batch_size=cfg.batch_size,
-                           grad_accum=cfg.grad_accum, seed=cfg.seed)
+                           grad_accum=cfg.grad_accum, seed=cfg.seed, items_fn=pairs_in)
     # the same chunks as the reference pass, so at step 0 policy and reference rewards tie exactly
     val_batches = [val.batch(range(i, min(i + cfg.eval_batch_size, len(val))))
                    for i in range(0, len(val), cfg.eval_batch_size)]
-    eval_fn = make_eval_fn(trainer, policy, loss_fn, val_batches)
+    eval_fn = make_eval_fn(trainer, policy, loss_fn, val_batches, items_fn=pairs_in)
     return DPOSetup(cfg, policy, reference, tokenizer, trainer, step_fn, eval_fn, train, val)
 
 
@@ -388,71 +333,39 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def dpo_dir(cfg: DPOConfig) -> Path:
-    """Run folder of `cfg`: metrics CSVs and the checkpoint that `resume` continues from."""
-    return checkpoint_dir() / "dpo" / cfg.run_name
-
-
-def train_dpo(cfg: DPOConfig, resume: bool = False, loss: PreferenceLoss = dpo_loss, model: nn.Module | None = None,
-              tokenizer=None) -> DPOSetup:
-    """Fine-tune a copy of the SFT model on preference pairs with `loss` (DPO by default); returns the setup.
+def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = None, tokenizer=None) -> DPOSetup:
+    """Fine-tune a copy of the SFT model on preference pairs with `PREFERENCE_LOSSES[cfg.loss]`; returns the setup.
 
     The reference log-probs of every pair are computed once before training (the SFT model is frozen, so they never
-    change); the policy then needs one forward pass of chosen + rejected per step. The step and eval functions are
-    SFT's (`fm.sft.make_step_fn`, `make_eval_fn`) on `common.trainer.Trainer`; with `resume`, training continues from
-    the checkpoint in `dpo_dir(cfg)`. `model`/`tokenizer`: the SFT model, as in `build_dpo`. The trained policy is
-    returned in eval mode.
+    change); the policy then needs one forward pass of chosen + rejected per step, on `common.trainer.Trainer`. With
+    `resume`, training continues from the checkpoint in `dpo_dir(cfg)/run/`. `model`/`tokenizer`: the SFT model, as
+    in `build_dpo`. The trained policy is saved to `dpo_dir(cfg)` (`load_dpo_models` reads it) and returned in eval
+    mode.
     """
-    setup = build_dpo(cfg, loss, model, tokenizer)
+    setup = build_dpo(cfg, model, tokenizer)
     setup.trainer.fit(setup.step_fn, setup.eval_fn, resume=resume)
-    setup.policy.eval()
+    save_trained(setup.policy.eval(), setup.tokenizer, cfg, dpo_dir(cfg))
     return setup
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
-def rewards_by_kind(policy: nn.Module, data: PreferenceData, beta: float, batch_size: int = 8) -> list[dict]:
-    """Per kind of pair (and "all"): count, how often the reference alone already ranks chosen above rejected
-    by likelihood, and the policy's implicit-reward accuracy and mean margin."""
-    chosen, rejected = pair_logps(policy.eval(), data.examples, data.pad_token_id, batch_size)
-    _, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, data.reference_chosen, data.reference_rejected,
-                                                   beta=beta)
-    accuracy = reward_accuracy(chosen_rewards, rejected_rewards)
-    margin = chosen_rewards - rejected_rewards
-    likelihood = reward_accuracy(data.reference_chosen, data.reference_rejected)
-    rows = []
-    for kind in [*sorted(set(data.kinds)), "all"]:
-        idx = torch.tensor([i for i, k in enumerate(data.kinds) if kind in (k, "all")])
-        rows.append({"kind": kind, "pairs": len(idx), "reference_prefers_chosen": likelihood[idx].mean().item(),
-                     "reward_acc": accuracy[idx].mean().item(), "mean_margin": margin[idx].mean().item()})
-    return rows
+def load_dpo_models(profile: str, fallback: nn.Module | None = None) -> tuple[nn.Module, nn.Module, object, float]:
+    """(DPO policy, SFT reference, tokenizer, beta) of `dpo_config(profile)`, both models in eval mode.
 
-
-@torch.no_grad()
-def response_logps(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                   block_size: int = 256, batch_size: int = 8) -> torch.Tensor:
-    """log pi(response | prompt) summed over the response tokens and its EOS, (N,) on the CPU."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    examples = [tokenize_response(tokenizer, p, r, block_size) for p, r in zip(prompts, responses, strict=True)]
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_id(tokenizer)).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits, batch["input_ids"], batch["labels"] != IGNORE_INDEX).float().cpu())
-    return torch.cat(out)
-
-
-def implicit_reward(policy: nn.Module, reference: nn.Module, tokenizer, prompts: Sequence[str],
-                    responses: Sequence[str], beta: float = 0.1, block_size: int = 256) -> torch.Tensor:
-    """DPO's implicit reward beta * log(pi(y|x) / pi_ref(y|x)) of each (prompt, response), shape (N,).
-
-    It is the reward model that the DPO policy is optimal for (up to a function of the prompt alone), so it can rank
-    any responses to the same prompt, e.g. sampled generations. Both models must share `tokenizer`.
+    The reference is `load_or_train_sft(cfg.sft_profile)`. The policy is the one `train_dpo` saved in `dpo_dir(cfg)`;
+    without it, `fallback` (a DPO policy of the same reference) if given, else the run is trained (resuming a
+    partial run). It prints which.
     """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    policy.eval()
-    reference.eval()
-    return beta * (response_logps(policy, tokenizer, prompts, responses, block_size)
-                   - response_logps(reference, tokenizer, prompts, responses, block_size))
+    cfg = dpo_config(profile)
+    out = dpo_dir(cfg)
+    if not is_saved(out) and fallback is None:
+        print(f"no DPO policy in {out}; training it ({cfg.steps} steps)")
+        result = train_dpo(cfg, resume=True)
+        return result.policy, result.reference, result.tokenizer, cfg.beta
+    reference, tokenizer = load_or_train_sft(cfg.sft_profile)
+    if is_saved(out):
+        print(f"loading the DPO policy from {out}")
+        policy, _ = load_lm(out, device=cfg.device, attn_impl=sft_config(cfg.sft_profile).attn_impl, verbose=False)
+    else:
+        print(f"no DPO policy in {out}; using the given DPO policy instead")
+        policy = fallback
+    return policy.eval(), reference.eval().requires_grad_(False), tokenizer, cfg.beta

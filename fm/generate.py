@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -64,11 +65,14 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _max_length(model: nn.Module) -> int | None:
+def context_length(model: nn.Module) -> int | None:
+    """Longest sequence `model` accepts: our GPT's block_size or a transformers config's position limit (None if
+    its config names neither)."""
     config = getattr(model, "config", None)
     for name in ("block_size", "n_positions", "max_position_embeddings"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
     return None
 
 
@@ -97,7 +101,7 @@ def generate(
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = _max_length(model)
+    limit = context_length(model)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds context {limit}")
     device = next(model.parameters()).device
@@ -131,25 +135,30 @@ def generate(
     return tokens
 
 
-def cache_speedup(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> dict:
-    """Time greedy `generate` with and without the KV cache (after a short warm-up).
+def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Sequence[int], **kwargs) -> list[dict]:
+    """Greedy `generate` of n new tokens with and without the KV cache, for each n in `new_tokens`; one row per n.
 
-    Returns {"rows": [{"KV cache", "seconds", "tokens/s"}, ...], "speedup": cached / uncached tokens/s,
-    "same_tokens": whether both runs produced the same tokens}. Each row also counts the batch in tokens/s.
+    Without the cache every step re-runs the whole prefix (quadratic in n); with it a step runs one token against the
+    cached keys and values. `input_ids` (B, T) are the prompts; `kwargs` go to `generate` (no `eos_token_id`, so
+    every run makes exactly n tokens). Row: n, seconds and new tokens/s (all B rows counted) of both, the speed-up,
+    and whether both produced the same tokens. A short warm-up run first pays the one-off allocations.
     """
+    cuda = next(model.parameters()).device.type == "cuda"
     generate(model, input_ids, 2, temperature=0.0, **kwargs)
-    rows, outputs = [], []
-    for use_cache in (True, False):
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = generate(model, input_ids, max_new_tokens, temperature=0.0, use_cache=use_cache, **kwargs)
-        if input_ids.is_cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        new = (out.shape[1] - input_ids.shape[1]) * out.shape[0]
-        rows.append({"KV cache": "yes" if use_cache else "no", "seconds": round(seconds, 2),
-                     "tokens/s": round(new / seconds, 2)})
-        outputs.append(out)
-    return {"rows": rows, "speedup": round(rows[0]["tokens/s"] / rows[1]["tokens/s"], 2),
-            "same_tokens": torch.equal(outputs[0], outputs[1])}
+    rows = []
+    for n in new_tokens:
+        seconds, outputs = {}, {}
+        for use_cache in (True, False):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[use_cache] = generate(model, input_ids, n, temperature=0.0, use_cache=use_cache, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()  # CUDA runs asynchronously: wait before reading the clock
+            seconds[use_cache] = time.perf_counter() - start
+        made = n * input_ids.shape[0]
+        rows.append({"new tokens": n, "cached (s)": seconds[True], "uncached (s)": seconds[False],
+                     "cached tokens/s": made / seconds[True], "uncached tokens/s": made / seconds[False],
+                     "speed-up": seconds[False] / seconds[True],
+                     "same tokens": torch.equal(outputs[True], outputs[False])})
+    return rows

@@ -105,8 +105,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
         p.requires_grad_(True)
     return model
 
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

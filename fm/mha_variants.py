@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.params import count_parameters as count_parameters  # re-exported: the theory counts with it
 from fm.attention import MultiHeadSelfAttention
 
 
@@ -112,11 +113,6 @@ def mha1_from_gpt2_attention(attn: MultiHeadSelfAttention) -> MHA1:
         target.copy_(w.reshape(d, n_heads, d_head).transpose(0, 1))  # column block h -> head h
     mha1.w_o.copy_(attn.c_proj.weight.T)
     return mha1
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable scalars of a module."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def mha_param_formula(d_q: int, d_k: int, d_v: int, d_attn: int, d_head: int, d_out: int, n_heads: int) -> dict:

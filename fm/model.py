@@ -16,7 +16,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import check
-from fm.attention import MultiHeadSelfAttention
+from common.hub import hub_snapshot
+from fm.attention import ATTN_IMPLS, MultiHeadSelfAttention
+from fm.losses import causal_lm_loss
 
 # A cache is one (K, V) pair per layer, each (B, h, past, d).
 KVCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -32,12 +34,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     layer_norm_epsilon: float = 1e-5
+    attn_impl: str = "manual"  # "manual": the homework's attention (task 1.1); "sdpa": F.scaled_dot_product_attention
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             check(getattr(self, name) > 0, f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         check(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(self.attn_impl in ATTN_IMPLS, f"GPTConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPTConfig:
@@ -80,7 +84,8 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
-        self.attn = MultiHeadSelfAttention(config.n_embd, config.n_head, config.block_size, config.dropout, config.bias)
+        self.attn = MultiHeadSelfAttention(config.n_embd, config.n_head, config.block_size, config.dropout, config.bias,
+                                           config.attn_impl)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -117,6 +122,11 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for name in [n for n, _ in self.named_parameters() if n.endswith(self._CONV1D)]:
+            # Stored (in, out) in memory, as transformers' Conv1D, while reading as nn.Linear's (out, in): F.linear then
+            # runs the matmul on the untransposed matrix, which MKL does up to 1.4x faster on CPU (most at one token).
+            linear = self.get_submodule(name.removesuffix(".weight"))
+            linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -165,11 +175,7 @@ class GPT(nn.Module):
             x, present = block(x, attention_mask, past_key_values[i] if past_key_values else None, use_cache)
             presents.append(present)
         logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=tuple(presents) if use_cache else None)
 
     # ---- transformers GPT-2 checkpoints ----------------------------------------------------------------------------
@@ -233,7 +239,8 @@ class GPT(nn.Module):
         save_file({k: v.detach().cpu() for k, v in self.hf_state_dict().items()}, str(path / "model.safetensors"))
 
     @classmethod
-    def config_from_hf(cls, hf: dict) -> GPTConfig:
+    def config_from_hf(cls, hf: dict, attn_impl: str = "manual") -> GPTConfig:
+        """Our config for a transformers GPT-2 config dict; `attn_impl` picks our attention path (see GPTConfig)."""
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"not a GPT-2 config (model_type={hf.get('model_type')!r}); use fm.pretrained.load_lm")
         unsupported = {
@@ -252,23 +259,24 @@ class GPT(nn.Module):
             block_size=hf["n_positions"],
             vocab_size=hf["vocab_size"],
             layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            attn_impl=attn_impl,
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> GPT:
+    def from_pretrained(cls, name_or_path: str | Path, attn_impl: str = "manual") -> GPT:
         """Load a local directory written by `save_pretrained` (ours or transformers'), or a hub name like "gpt2".
 
         The hub is tried only when it answers (see `common.hub.hub_reachable`); otherwise a clear error.
+        attn_impl: "manual" | "sdpa", our attention path (GPTConfig.attn_impl; not stored in the checkpoint).
         """
         path = Path(name_or_path).expanduser()
         if not path.is_dir():
-            from fm.pretrained import hub_snapshot
-
-            path = hub_snapshot(str(name_or_path), allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"])
+            path = hub_snapshot(str(name_or_path), allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"],
+                                hint="Use fm.pretrained.load_lm('smollm2-135m') offline, or a local directory.")
         config_file = path / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{path} has no config.json; expected a save_pretrained directory")
-        model = cls(cls.config_from_hf(json.loads(config_file.read_text())))
+        model = cls(cls.config_from_hf(json.loads(config_file.read_text()), attn_impl))
         model.load_hf_state_dict(_read_weights(path))
         return model.eval()
 

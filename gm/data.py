@@ -35,6 +35,7 @@ from common.hub import hub_reachable
 
 SPLITS = ("train", "test")
 DATASETS = ("mnist", "cifar10")
+CHANNELS = {"mnist": 1, "cifar10": 3}  # image channels per data set
 # Official CIFAR-10 label order (also the alphabetical order of the ImageFolder class folders).
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 HUB_REPOS = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", "img")}
@@ -278,3 +279,13 @@ def load_dataset(name: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`name` in {"mnist", "cifar10"} as 32x32 images (N, C, 32, 32) in [0, 1]: MNIST is zero-padded 28 -> 32."""
     images, labels = load_dataset_uint8(name, split)
     return to_float(images), labels
+
+
+def subset_indices(n: int, size: int | None, seed: int = 0) -> torch.Tensor:
+    """`size` indices drawn without replacement from range(n), fixed by `seed` (all n, shuffled, if size is None).
+
+    Data sets may be stored sorted by class (the CIFAR-10 ImageFolder is), so "the first k images" is not a sample.
+    """
+    if size is not None and not 0 < size <= n:
+        raise ValueError(f"cannot take {size} of {n} examples")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]

@@ -1,5 +1,9 @@
 """Gaussian diffusion (DDPM) with ancestral DDPM and DDIM samplers and classifier-free guidance.
 
+Laid out like diffusers: `GaussianDiffusion.step(model_output, t, t_prev, x_t, eta=..., generator=...)` is the pure
+scheduler step (maths only, no model call), `guided_output` makes the model call with classifier-free guidance, and
+`GaussianDiffusion.sample` is the loop built on both.
+
 The denoiser is any callable `model(x_t, t, y)`: x_t (B, ...) noisy inputs, t (B,) long timesteps in [0, T),
 y (B,) long labels or None; it returns a tensor shaped like x_t. What that tensor means is set by `prediction`:
 "eps" (the noise, the default and the homework's choice) or "v" (v = sqrt(abar) eps - sqrt(1 - abar) x0).
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +58,14 @@ def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | No
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+class StepOutput(NamedTuple):
+    """What `GaussianDiffusion.step` returns: the sample one step back, x_{t_prev} (B, ...), and the x0 estimate
+    (B, ...) it was computed from."""
+
+    prev_sample: Tensor
+    pred_x0: Tensor
+
+
 class GaussianDiffusion(nn.Module):
     """Forward process, training loss and samplers of a DDPM with `timesteps` steps.
 
@@ -75,6 +88,7 @@ class GaussianDiffusion(nn.Module):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
         self.timesteps, self.schedule, self.prediction = timesteps, schedule, prediction
+        self.beta_start, self.beta_end = beta_start, beta_end
         betas = beta_schedule(schedule, timesteps, beta_start, beta_end)
         abar = torch.cumprod(1 - betas, dim=0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
@@ -96,28 +110,47 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
 
     # ----------------------------------------------------------------------------------------------- forward process
-    def _check_t(self, t: Tensor | int, batch: int, device: torch.device) -> Tensor:
-        t = torch.full((batch,), t, dtype=torch.long, device=device) if isinstance(t, int) else t.to(device).long()
+    def _check_t(self, t: Tensor | int, batch: int, device: torch.device, check_range: bool = True) -> Tensor:
+        """t as a (batch,) long tensor on `device`. An int is always range-checked (free); a tensor only with
+        `check_range`, since reading its values is a host sync, which the training step must not pay."""
+        if isinstance(t, int):
+            if not 0 <= t < self.timesteps:
+                raise ValueError(f"timesteps must lie in [0, {self.timesteps}), got {t}")
+            return torch.full((batch,), t, dtype=torch.long, device=device)
+        t = t.to(device).long()
         if t.shape != (batch,):
             raise ValueError(f"t must be an int or a (B,) tensor with B={batch}, got shape {tuple(t.shape)}")
-        if t.min() < 0 or t.max() >= self.timesteps:
+        if check_range and (t.min() < 0 or t.max() >= self.timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.timesteps}), got [{int(t.min())}, {int(t.max())}]")
         return t
 
     def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor | None = None) -> Tensor:
-        """Draw x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
-        t = self._check_t(t, x0.shape[0], x0.device)
+        """Draw x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+
+        x0 (B, ...); t an int or (B,) long in [0, T) (a tensor's range is not checked: this runs every training
+        step; an out-of-range index fails in the buffer lookup); noise (B, ...) standard normal, drawn if None.
+        """
+        t = self._check_t(t, x0.shape[0], x0.device, check_range=False)
+        ### BEGIN SOLUTION
         noise = torch.randn_like(x0) if noise is None else noise
         return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        ### END SOLUTION
 
     def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor | int) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log-variance (clipped at t = 0) of q(x_{t-1} | x_t, x0), each broadcastable to x0."""
+        """q(x_{t-1} | x_t, x0) = N(coef1_t x0 + coef2_t x_t, beta_tilde_t I) for x0, xt (B, ...), t in [0, T).
+
+        Returns (mean (B, ...), variance, log-variance), the last two (B, 1, ..., 1) read from the buffers
+        `posterior_mean_coef1/2`, `posterior_variance` and `posterior_log_variance_clipped` (beta_tilde_0 = 0, so
+        its log is clipped to that of t = 1).
+        """
         t = self._check_t(t, x0.shape[0], x0.device)
+        ### BEGIN SOLUTION
         coef1, coef2 = _extract(self.posterior_mean_coef1, t, x0.ndim), _extract(self.posterior_mean_coef2, t, x0.ndim)
         mean = coef1 * x0 + coef2 * xt
         return (mean, _extract(self.posterior_variance, t, x0.ndim),
                 _extract(self.posterior_log_variance_clipped, t, x0.ndim))
+        ### END SOLUTION
 
     # ------------------------------------------------------------------------------------- parameterisation and loss
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -134,46 +167,20 @@ class GaussianDiffusion(nn.Module):
             return (xt - s * output) / a, output
         return a * xt - s * output, s * xt + a * output
 
-    def p_losses(self, model: Denoiser, x0: Tensor, t: Tensor, y: Tensor | None = None,
+    def p_losses(self, model: Denoiser, x0: Tensor, t: Tensor | int, y: Tensor | None = None,
                  noise: Tensor | None = None) -> Tensor:
-        """Scalar MSE between the model output at x_t ~ q(x_t | x0) and its target (the noise for "eps")."""
-        t = self._check_t(t, x0.shape[0], x0.device)
+        """Scalar MSE between model(x_t, t, y) at x_t = `q_sample(x0, t, noise)` and its `target` (the noise for
+        "eps"), both in float32. x0 (B, ...); t as in `q_sample`; noise drawn if None; y (B,) labels or None."""
+        t = self._check_t(t, x0.shape[0], x0.device, check_range=False)
+        ### BEGIN SOLUTION
         noise = torch.randn_like(x0) if noise is None else noise
         output = model(self.q_sample(x0, t, noise), t, y)
         if output.shape != x0.shape:
             raise ValueError(f"model output shape {tuple(output.shape)} != input shape {tuple(x0.shape)}")
         return F.mse_loss(output.float(), self.target(x0, noise, t).float())
+        ### END SOLUTION
 
-    # ------------------------------------------------------------------------------------------------------ sampling
-    @staticmethod
-    def guided(model: Denoiser, xt: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float = 1.0,
-               null_label: int | None = None) -> Tensor:
-        """Classifier-free guidance: out_uncond + w (out_cond - out_uncond); y = `null_label` is "no label".
-
-        w = 1 calls the conditional model once (exactly the conditional model), w = 0 the unconditional one.
-        """
-        if guidance_scale == 1.0 or y is None:
-            return model(xt, t, y)
-        if null_label is None:
-            raise ValueError("guidance_scale != 1 needs a null label (pass null_label or give the model .num_classes)")
-        null = torch.full_like(y, null_label)
-        if guidance_scale == 0.0:
-            return model(xt, t, null)
-        cond, uncond = model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    @torch.no_grad()
-    def p_sample(self, model: Denoiser, xt: Tensor, t: Tensor | int, y: Tensor | None = None,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                 null_label: int | None = None) -> Tensor:
-        """One ancestral DDPM step x_t -> x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t) (no noise at t = 0)."""
-        t = self._check_t(t, xt.shape[0], xt.device)
-        output = self.guided(model, xt, t, y, guidance_scale, _null_label(model, null_label))
-        x0_hat, _ = self.split_prediction(xt, t, output)
-        mean, _, log_var = self.q_posterior(x0_hat, xt, t)
-        nonzero = _bcast((t > 0).to(xt.dtype), xt.ndim)
-        return mean + nonzero * (0.5 * log_var).exp() * _randn(xt.shape, xt, generator)
-
+    # ------------------------------------------------------------------------------------------------ reverse step
     def _abar_prev(self, t_prev: Tensor) -> Tensor:
         """abar at t_prev, with abar_{-1} = 1 (the clean data)."""
         one = torch.ones_like(t_prev, dtype=self.alphas_cumprod.dtype)
@@ -185,24 +192,61 @@ class GaussianDiffusion(nn.Module):
         abar_t, abar_prev = self.alphas_cumprod[t], self._abar_prev(t_prev)
         return eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp(min=0).sqrt()
 
-    @torch.no_grad()
-    def ddim_step(self, model: Denoiser, xt: Tensor, t: Tensor, t_prev: Tensor, y: Tensor | None = None,
-                  eta: float = 0.0, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                  null_label: int | None = None) -> Tensor:
-        """x_t -> x_{t_prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z."""
-        t = self._check_t(t, xt.shape[0], xt.device)
-        t_prev = t_prev.to(xt.device).long()
-        if t_prev.shape != t.shape or (t_prev >= t).any() or (t_prev < -1).any():
-            raise ValueError("t_prev must be a (B,) tensor with -1 <= t_prev < t")
-        output = self.guided(model, xt, t, y, guidance_scale, _null_label(model, null_label))
-        x0_hat, eps_hat = self.split_prediction(xt, t, output)
-        abar_prev = _bcast(self._abar_prev(t_prev), xt.ndim)
-        sigma = _bcast(self.ddim_sigma(t, t_prev, eta), xt.ndim)
+    def ddpm_update(self, x0_hat: Tensor, xt: Tensor, t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral DDPM update x_t -> x_{t-1} ~ q(x_{t-1} | x_t, x0 = x0_hat) (Ho et al. 2020, Algorithm 2).
+
+        x_{t-1} = mean + [t > 0] exp(0.5 log_var) z with (mean, _, log_var) = `q_posterior(x0_hat, xt, t)` (the
+        clipped log-variance) and z ~ N(0, I) of xt's shape, dtype and device, drawn with `generator` at every t
+        (also t = 0, where it is masked, so every step uses the generator alike). x0_hat, xt (B, ...); t (B,) long.
+        """
+        ### BEGIN SOLUTION
+        mean, _, log_var = self.q_posterior(x0_hat, xt, t)
+        nonzero = _bcast((t > 0).to(xt.dtype), xt.ndim)
+        return mean + nonzero * (0.5 * log_var).exp() * _randn(xt.shape, xt, generator)
+        ### END SOLUTION
+
+    def ddim_update(self, x0_hat: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, eta: float,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12):
+
+        x_{t_prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+
+        abar_prev = `_abar_prev(t_prev)` (1 at t_prev = -1), sigma = `ddim_sigma(t, t_prev, eta)`, the square root's
+        argument clamped at 0 against round-off, and z ~ N(0, I) of x0_hat's shape, dtype and device drawn with
+        `generator` only when eta > 0 (eta = 0 is deterministic). x0_hat, eps_hat (B, ...); t, t_prev (B,) long.
+        """
+        ### BEGIN SOLUTION
+        abar_prev = _bcast(self._abar_prev(t_prev), x0_hat.ndim)
+        sigma = _bcast(self.ddim_sigma(t, t_prev, eta), x0_hat.ndim)
         x_prev = abar_prev.sqrt() * x0_hat + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
         if eta > 0:
-            x_prev = x_prev + sigma * _randn(xt.shape, xt, generator)
+            x_prev = x_prev + sigma * _randn(x0_hat.shape, x0_hat, generator)
         return x_prev
+        ### END SOLUTION
 
+    def step(self, model_output: Tensor, t: Tensor | int, t_prev: Tensor | int, x_t: Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> StepOutput:
+        """One reverse step x_t -> x_{t_prev} from the model's output at (x_t, t); pure maths, calls no model.
+
+        model_output: (B, ...) like x_t, in this schedule's `prediction` ("eps" or "v"), guidance already applied
+        (`guided_output`). t: int or (B,) in [0, T); t_prev: int or (B,) with -1 <= t_prev < t (-1: the clean data).
+        eta >= 0 scales DDIM's noise. eta = 1 with t_prev = t - 1 is the ancestral DDPM step (`ddpm_update`, the
+        exact posterior); any other pair is a DDIM step (`ddim_update`). Returns (prev_sample, pred_x0).
+        """
+        t = self._check_t(t, x_t.shape[0], x_t.device)
+        t_prev = torch.full_like(t, t_prev) if isinstance(t_prev, int) else t_prev.to(t.device).long()
+        if t_prev.shape != t.shape or (t_prev >= t).any() or (t_prev < -1).any():
+            raise ValueError(f"t_prev must be an int or a ({len(t)},) tensor with -1 <= t_prev < t")
+        if model_output.shape != x_t.shape:
+            raise ValueError(f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x_t.shape)}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        x0_hat, eps_hat = self.split_prediction(x_t, t, model_output)
+        if eta == 1.0 and torch.equal(t_prev, t - 1):
+            return StepOutput(self.ddpm_update(x0_hat, x_t, t, generator), x0_hat)
+        return StepOutput(self.ddim_update(x0_hat, eps_hat, t, t_prev, eta, generator), x0_hat)
+
+    # ------------------------------------------------------------------------------------------------------ sampling
     def ddim_timesteps(self, steps: int) -> Tensor:
         """`steps` increasing timesteps evenly spread over [0, T-1], both ends included (all of them if steps = T)."""
         if not 1 <= steps <= self.timesteps:
@@ -217,6 +261,7 @@ class GaussianDiffusion(nn.Module):
         model: Denoiser,
         shape: tuple[int, ...],
         y: Tensor | None = None,
+        *,
         sampler: str = "ddpm",
         steps: int | None = None,
         eta: float = 0.0,
@@ -228,10 +273,10 @@ class GaussianDiffusion(nn.Module):
     ) -> Tensor:
         """Generate a (shape) batch from x_T ~ N(0, I) (or the given start `noise`).
 
-        sampler "ddpm": all T ancestral steps (`steps` must be None or T). "ddim": `steps` evenly spaced steps
-        (default T) with noise scale `eta` (0 = deterministic ODE-like sampler, 1 = DDPM-like variance).
+        sampler "ddpm": all T ancestral steps (`steps` must be None or T; `eta` is not used). "ddim": `steps` evenly
+        spaced steps (default T) with noise scale `eta` (0 = deterministic ODE-like sampler, 1 = DDPM-like variance).
         y: (B,) labels or None; guidance_scale w: classifier-free guidance with the label `null_label`
-        (default `model.num_classes`).
+        (default `model.num_classes`). Each step is `guided_output` (the model call) followed by `step`.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
@@ -246,21 +291,34 @@ class GaussianDiffusion(nn.Module):
         x = _randn(tuple(shape), self.betas, generator) if noise is None else noise.to(device).clone()
         if x.shape != tuple(shape):
             raise ValueError(f"start noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
-        null_label = _null_label(model, null_label)
-        batch = shape[0]
-        if sampler == "ddpm":
-            for i in tqdm(range(self.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
-                x = self.p_sample(model, x, i, y, guidance_scale, generator, null_label)
-            return x
-        seq = self.ddim_timesteps(steps or self.timesteps).tolist()
-        prev = [-1, *seq[:-1]]
-        for t, t_prev in tqdm(list(zip(seq, prev, strict=True))[::-1], desc="DDIM", disable=not progress, leave=False):
-            t_b = torch.full((batch,), t, device=device, dtype=torch.long)
-            t_prev_b = torch.full((batch,), t_prev, device=device, dtype=torch.long)
-            x = self.ddim_step(model, x, t_b, t_prev_b, y, eta, guidance_scale, generator, null_label)
+        if sampler == "ddpm":  # every t -> t - 1 with eta = 1: `step` takes the exact posterior
+            seq, eta = list(range(self.timesteps)), 1.0
+        else:
+            seq = self.ddim_timesteps(steps or self.timesteps).tolist()
+        pairs = list(zip(seq, [-1, *seq[:-1]], strict=True))[::-1]
+        for t, t_prev in tqdm(pairs, desc=sampler.upper(), disable=not progress, leave=False):
+            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
+            output = guided_output(model, x, t_batch, y, guidance_scale, null_label)
+            x = self.step(output, t_batch, t_prev, x, eta=eta, generator=generator).prev_sample
         return x
 
 
-def _null_label(model: Denoiser, null_label: int | None) -> int | None:
-    """The explicit null label, else the model's `num_classes` (the UNet reserves that index for "no label")."""
-    return null_label if null_label is not None else getattr(model, "num_classes", None)
+def guided_output(model: Denoiser, x_t: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float = 1.0,
+                  null_label: int | None = None) -> Tensor:
+    """The model's output at (x_t (B, ...), t (B,)) with classifier-free guidance: out_uncond + w (out_cond -
+    out_uncond), where out_uncond = model(x_t, t, null_label) and w = `guidance_scale`.
+
+    w = 1 (or y None) calls the conditional model once (exactly the conditional model), w = 0 the unconditional one,
+    any other w both in one batch of 2B. null_label: the label meaning "no label", default `model.num_classes`
+    (the UNet reserves that index).
+    """
+    if guidance_scale == 1.0 or y is None:
+        return model(x_t, t, y)
+    null_label = null_label if null_label is not None else getattr(model, "num_classes", None)
+    if null_label is None:
+        raise ValueError("guidance_scale != 1 needs a null label (pass null_label or give the model .num_classes)")
+    null = torch.full_like(y, null_label)
+    if guidance_scale == 0.0:
+        return model(x_t, t, null)
+    cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)

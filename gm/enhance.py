@@ -28,7 +28,7 @@ import torch
 
 from common import get_profile, make_config
 from common.config import check
-from common.plotting import markdown_table
+from common.plotting import markdown_table, save_figure
 from gm.data import DATASETS
 from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
@@ -46,7 +46,7 @@ METRICS = ("cond. accuracy", "feature FD")
 
 
 @dataclass
-class EnhanceConfig:
+class LDMEnhanceConfig:
     dataset: str = "mnist"
     samples_per_class: int = 10  # generated images per class in every measurement
     ddim_steps: tuple[int, ...] = (10, 20, 50, 100, 1000)
@@ -87,12 +87,12 @@ PRESETS = {
 }
 
 
-def enhance_config(profile: str | None = None, **overrides) -> EnhanceConfig:
+def ldm_enhance_config(profile: str | None = None, **overrides) -> LDMEnhanceConfig:
     """The preset of `profile` (default $HW3_PROFILE), with overrides (unknown keys are rejected)."""
-    return make_config(EnhanceConfig, PRESETS, get_profile(profile), **overrides)
+    return make_config(LDMEnhanceConfig, PRESETS, get_profile(profile), **overrides)
 
 
-def load_baseline(cfg: EnhanceConfig) -> LDMRun:
+def load_baseline(cfg: LDMEnhanceConfig) -> LDMRun:
     """The 2.3 latent diffusion model of the profile: loaded from its checkpoint (notebook 2_3), trained if missing."""
     return train_ldm(ldm_config(cfg.dataset, cfg.profile, progress=cfg.progress))
 
@@ -100,7 +100,7 @@ def load_baseline(cfg: EnhanceConfig) -> LDMRun:
 # ------------------------------------------------------------------------------------------------- experiments
 
 
-def _measure(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig, samplers: dict[str, dict],
+def _measure(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, samplers: dict[str, dict],
              use_ema: bool = True, fig_prefix: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """`evaluate_ldm` with the experiment's sample count, seed and guidance: (reference rows (real test images,
     their VAE reconstructions), one row per sampler in the order of `samplers`)."""
@@ -119,7 +119,7 @@ def _ddim(steps: int, eta: float, **kwargs) -> dict:
     return {"sampler": "ddim", "steps": steps, "eta": eta, **kwargs}
 
 
-def step_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig) -> list[dict]:
+def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> list[dict]:
     """Quality vs sampling time: DDPM (all T steps; first, so "speed-up" is relative to it), then DDIM with each
     of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`. Rows: the references, then one per
     sampler with "steps" and (DDIM) "eta" columns."""
@@ -133,7 +133,7 @@ def step_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig) -> list[
     return references + samples
 
 
-def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
+def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
                    fig_prefix: str | Path | None = None) -> list[dict]:
     """Classifier-free guidance eps_u + w (eps_c - eps_u) for each w in `cfg.guidance_scales`, DDIM with
     `cfg.compare_steps` steps and noise `cfg.compare_eta`. With `fig_prefix`, a class grid per scale:
@@ -143,7 +143,7 @@ def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
     return references + samples
 
 
-def weights_comparison(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig) -> list[dict]:
+def weights_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> list[dict]:
     """The same run sampled with its EMA weights and with its raw (last-step) weights, plus the final
     fixed-noise validation loss of each. Rows: the references, EMA, raw."""
     last_eval = run.eval_rows[-1] if run.eval_rows else {}
@@ -169,7 +169,7 @@ def training_seconds(run: LDMRun) -> float:
     return sum(r.get("step_time", 0.0) for r in run.train_rows)
 
 
-def variant_comparison(run: LDMRun, classifier: Classifier, cfg: EnhanceConfig,
+def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
                        fig_prefix: str | Path | None = None) -> list[dict]:
     """The 2.3 model against each variant of `cfg.variants`, trained with the same budget and sampled identically
     (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.ddim_etas`. Rows: the references, then
@@ -201,15 +201,6 @@ def save_table(rows: Sequence[dict], path: str | Path, caption: str) -> str:
     return text
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """(reference rows, sample rows) of an experiment table: only sample rows were timed."""
     return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
@@ -236,7 +227,7 @@ def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, t
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_step_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
@@ -277,4 +268,4 @@ def plot_schedules(path: str | Path, title: str, timesteps: int = 1000) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

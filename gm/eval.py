@@ -9,8 +9,6 @@ real-vs-real baseline measured with the same number of images, not with publishe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
-from common.config import check
+from common.config import check, config_digest
 from common.data import batch_indices
-from common.trainer import Trainer, warmup_cosine
-from gm.data import DATASETS, load_dataset
+from common.io import atomic_save
+from common.trainer import Metrics, Trainer, warmup_cosine
+from gm.data import CHANNELS, DATASETS, load_dataset, subset_indices
 
 T = TypeVar("T")
 
@@ -73,6 +72,7 @@ class ClassifierConfig:
     degrade: bool = True  # blur/contrast augmentation (see `degrade`)
     seed: int = 0
     device: str | None = None
+    log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
     profile: str = "quick"
     progress: bool = True
 
@@ -83,18 +83,18 @@ class ClassifierConfig:
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.dataset == "mnist" else 3
+        return CHANNELS[self.dataset]
 
     def run_name(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "device")}
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.dataset}_{self.profile}_{digest}"
+        """Unique per training-relevant settings: a digest of all fields but the bookkeeping ones."""
+        return f"{self.dataset}_{self.profile}_{config_digest(self, exclude={'progress', 'device', 'log_interval'})}"
 
 
 CLASSIFIER_PRESETS = {
     "smoke": dict(profile="smoke", steps=5, batch_size=16, width=4, feature_dim=16, eval_size=64),
     "quick": dict(profile="quick", steps=300, batch_size=64, eval_size=2000),
-    "full": dict(profile="full", steps=4000, batch_size=128, width=32, feature_dim=128, eval_size=10_000),
+    "full": dict(profile="full", steps=4000, batch_size=128, width=32, feature_dim=128, eval_size=10_000,
+                 log_interval=20),
 }
 
 
@@ -108,16 +108,6 @@ class ClassifierRun:
     model: Classifier  # eval mode, frozen
     test_accuracy: float  # on `eval_size` random test images
     path: Path
-
-
-def subset_indices(n: int, size: int | None, seed: int = 0) -> Tensor:
-    """`size` indices drawn without replacement from range(n), fixed by `seed` (all n, shuffled, if size is None).
-
-    Data sets may be stored sorted by class (the CIFAR-10 ImageFolder is), so "the first k images" is not a sample.
-    """
-    if size is not None and not 0 < size <= n:
-        raise ValueError(f"cannot take {size} of {n} examples")
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
 @torch.no_grad()
@@ -179,9 +169,10 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
     run_dir = checkpoint_dir() / "classifier" / cfg.run_name()
     trainer = Trainer(run_dir, {"classifier": model}, {"classifier": optimizer}, steps=cfg.steps,
                       schedulers={"classifier": warmup_cosine(optimizer, max(1, cfg.steps // 20), cfg.steps)},
-                      device=device, desc=f"classifier {cfg.dataset}", progress=cfg.progress)
+                      device=device, desc=f"classifier {cfg.dataset}", progress=cfg.progress,
+                      log_interval=cfg.log_interval)
 
-    def step_fn(step: int) -> dict[str, float]:
+    def step_fn(step: int) -> Metrics:
         idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
         x, y = images[idx].to(device), labels[idx].to(device)
         if cfg.degrade:
@@ -193,16 +184,16 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
         loss = F.cross_entropy(logits, y)
         loss.backward()
         trainer.optimizer_step("classifier")
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean().detach()}
 
-    def eval_fn(step: int) -> dict[str, float]:
+    def eval_fn(step: int) -> Metrics:
         return {"test_acc": accuracy(model, test_images, test_labels)}
 
     trainer.fit(step_fn, eval_fn)
     model.eval().requires_grad_(False)
     test_acc = trainer.eval_log.rows[-1]["test_acc"]
-    path = run_dir / "model.pt"
-    torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), "test_accuracy": test_acc}, path)
+    path = atomic_save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), "test_accuracy": test_acc},
+                       run_dir / "model.pt")
     return ClassifierRun(cfg, model, test_acc, path)
 
 

@@ -6,14 +6,10 @@ The VAE is fully convolutional: each level after the first halves the resolution
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)  # up to 8 groups, any width
+from gm.layers import group_norm
 
 
 class ResBlock(nn.Module):
@@ -22,8 +18,8 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.block = nn.Sequential(
-            _norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            _norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            group_norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -46,7 +42,7 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(prev, width))
                 prev = width
-        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, 2 * z_channels, 3, padding=1)]
+        layers += [group_norm(prev), nn.SiLU(), nn.Conv2d(prev, 2 * z_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +64,7 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks):
                 layers.append(ResBlock(prev, width))
                 prev = width
-        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_channels, 3, padding=1)]
+        layers += [group_norm(prev), nn.SiLU(), nn.Conv2d(prev, out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -93,10 +89,10 @@ class VAE(nn.Module):
         self.decoder = Decoder(in_channels, z_channels, num_channels, tuple(ch_mult), num_res_blocks)
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
+        """Shapes only: a value check (NaN/Inf) would be a host sync in every training step; the data are checked
+        once where they enter (`gm.ldm.encode_images`; the training images are uint8)."""
         if x.ndim != 4 or x.shape[1] != channels:
             raise ValueError(f"{what} must have shape (B, {channels}, H, W), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{what} contains NaN or Inf values")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) in [0, 1], H and W divisible by `downsample` -> mean, logvar (B, z_channels, H/d, W/d)."""
@@ -109,8 +105,11 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mean + sigma * eps with eps ~ N(0, I): a sample whose gradient flows to mean and logvar."""
+        """z = mean + sigma * eps with sigma = exp(logvar / 2) and eps ~ N(0, I) (`torch.randn_like(mean)`): a sample
+        of N(mean, sigma^2) whose gradient flows to mean and logvar. mean, logvar (B, z_channels, h, w) -> z, same."""
+        ### BEGIN SOLUTION
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        ### END SOLUTION
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, z_channels, h, w) -> images (B, C, h*d, w*d) in (0, 1)."""
@@ -146,7 +145,7 @@ class Discriminator(nn.Module):
         for i in range(1, num_layers + 1):
             stride = 2 if i < num_layers else 1
             out = num_channels * min(2**i, 8)
-            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1), _norm(out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(width, out, 4, stride=stride, padding=1), group_norm(out), nn.LeakyReLU(0.2)]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)

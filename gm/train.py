@@ -9,8 +9,6 @@ the hinge loss on real images vs. detached reconstructions. Both steps run insid
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +16,12 @@ from pathlib import Path
 import torch
 
 from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
-from common.config import check
+from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
-from common.trainer import Trainer, warmup_cosine
-from gm.data import DATASETS, load_dataset_uint8, to_float
+from common.io import atomic_save
+from common.trainer import Metrics, Trainer, warmup_cosine
+from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
 from gm.loss import d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator
 
@@ -64,6 +63,7 @@ class VAEConfig:
     seed: int = 0
     bf16: bool = False
     device: str | None = None
+    log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
     profile: str = field(default="quick")
     progress: bool = True
 
@@ -79,7 +79,7 @@ class VAEConfig:
 
     @property
     def in_channels(self) -> int:
-        return 1 if self.dataset == "mnist" else 3
+        return CHANNELS[self.dataset]
 
     @property
     def use_gan(self) -> bool:
@@ -90,8 +90,7 @@ class VAEConfig:
 
     def run_name(self) -> str:
         """Readable and unique: the main knobs plus a hash of the whole config (bookkeeping fields excluded)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "device")}
-        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        digest = config_digest(self, exclude={"progress", "device", "log_interval"})
         return f"{self.dataset}_kl{self.kl_weight:g}_gan{self.gan_weight:g}_{self.profile}_{digest}"
 
 
@@ -104,7 +103,8 @@ PRESETS = {
                   lr=1e-3, disc_lr=5e-4, eval_interval=50, eval_size=256, gan_loss_start=100),
     # The homework: 10 epochs on a GPU.
     "full": dict(profile="full", epochs=10.0, batch_size=128, num_channels=64, disc_channels=64, warmup_steps=200,
-                 lr=2e-4, disc_lr=2e-4, eval_interval=500, eval_size=2000, gan_loss_start=2000, ema_decay=0.999),
+                 lr=2e-4, disc_lr=2e-4, eval_interval=500, eval_size=2000, gan_loss_start=2000, ema_decay=0.999,
+                 log_interval=10),
 }
 
 
@@ -154,9 +154,10 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     run_dir = checkpoint_dir() / "vae" / cfg.run_name()
     trainer = Trainer(run_dir, modules, optimizers, steps=steps, schedulers=schedulers, ema=ema,
                       grad_clip=cfg.grad_clip, eval_interval=cfg.eval_interval, ckpt_interval=max(1, steps // 4),
-                      device=device, bf16=cfg.bf16, desc=cfg.run_name(), progress=cfg.progress)
+                      device=device, bf16=cfg.bf16, desc=cfg.run_name(), progress=cfg.progress,
+                      log_interval=cfg.log_interval)
 
-    def step_fn(step: int) -> dict[str, float]:
+    def step_fn(step: int) -> Metrics:
         x = to_float(train_images[batch_indices(len(train_images), cfg.batch_size, step, cfg.seed).to(device)])
         gan_on = cfg.use_gan and step >= cfg.gan_loss_start
         with trainer.autocast():
@@ -164,15 +165,15 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
             mse = reconstruction_loss(recon.float(), x)
             kl = kl_divergence(mean.float(), logvar.float()).mean()
             loss = mse + cfg.kl_weight * kl
-            metrics = {"recon_loss": mse.item(), "kl": kl.item()}
+            metrics = {"recon_loss": mse.detach(), "kl": kl.detach()}
             if gan_on:
                 disc.requires_grad_(False)  # the generator step must not leave gradients in D
                 g_loss = g_hinge_loss(disc(recon).float())
                 disc.requires_grad_(True)
                 loss = loss + cfg.gan_weight * g_loss
-                metrics["g_loss"] = g_loss.item()
+                metrics["g_loss"] = g_loss.detach()
         loss.backward()
-        metrics["loss"] = loss.item()
+        metrics["loss"] = loss.detach()
         metrics["grad_norm"] = trainer.optimizer_step("vae")
         if gan_on:
             with trainer.autocast():
@@ -180,11 +181,11 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
                 d_loss = d_hinge_loss(real_logits, fake_logits)
             d_loss.backward()
             trainer.optimizer_step("disc")
-            metrics |= {"d_loss": d_loss.item(), "logits_real": real_logits.mean().item(),
-                        "logits_fake": fake_logits.mean().item()}
+            metrics |= {"d_loss": d_loss.detach(), "logits_real": real_logits.mean().detach(),
+                        "logits_fake": fake_logits.mean().detach()}
         return metrics
 
-    def eval_fn(step: int) -> dict[str, float]:
+    def eval_fn(step: int) -> Metrics:
         model = ema["vae"].shadow if ema else vae
         recon, mean, logvar = model(eval_images)
         return {"test_recon_mse": reconstruction_loss(recon, eval_images).item(),
@@ -192,9 +193,8 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     final = (ema["vae"].shadow if ema else vae).eval()
-    tmp = run_dir / "model.pt.tmp"
-    torch.save({"config": dataclasses.asdict(cfg), "state_dict": final.state_dict()}, tmp)
-    tmp.replace(run_dir / "model.pt")  # atomic: a concurrent `load_vae` never reads a half-written file
+    # atomic: a concurrent `load_vae` never reads a half-written file
+    atomic_save({"config": dataclasses.asdict(cfg), "state_dict": final.state_dict()}, run_dir / "model.pt")
     if disc is not None:
         disc.eval()
     return VAERun(cfg, final, disc, trainer.train_log.rows, trainer.eval_log.rows, run_dir)
@@ -226,16 +226,11 @@ def load_or_train_vae(dataset: str, profile: str | None = None) -> VAE:
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
-def eval_subset(images: torch.Tensor, num_images: int | None, seed: int = 0) -> torch.Tensor:
-    """The first `num_images` of a fixed random order of `images` (all if None): a class-balanced subset even
-    when the source stores the images class by class (the ImageFolder layout)."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    return images[order[:num_images]]
-
-
 def _test_images(dataset: str, num_images: int | None, device: torch.device) -> torch.Tensor:
-    """`eval_subset` of the 32x32 test images, as float in [0, 1] on `device`."""
-    return to_float(eval_subset(load_dataset_uint8(dataset, "test")[0], num_images).to(device))
+    """`num_images` random 32x32 test images (`subset_indices`, seed 0; all if None: a class-balanced subset even
+    when the source stores the images class by class), as float in [0, 1] on `device`."""
+    images = load_dataset_uint8(dataset, "test")[0]
+    return to_float(images[subset_indices(len(images), num_images)].to(device))
 
 
 def sharpness(images: torch.Tensor) -> torch.Tensor:
@@ -248,7 +243,7 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(vae: VAE, dataset: str, num_images: int | None = None, batch_size: int = 500,
              seed: int = 0) -> dict[str, float]:
-    """Test-set metrics of a VAE on `num_images` test images (all if None; see `eval_subset`), 32x32 as trained:
+    """Test-set metrics of a VAE on `num_images` test images (all if None; see `_test_images`), 32x32 as trained:
 
     - `recon_mse`: per-pixel MSE of the reconstruction decoded from the posterior mean (what the figures show);
     - `kl`: KL(q(z|x) || N(0, I)) in nats per image;

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gm.layers import group_norm
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding (B,) -> (B, dim): cos and sin of t at geometrically spaced frequencies."""
@@ -24,18 +26,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     return F.pad(emb, (0, dim % 2))
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(8, channels), channels)
-
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, with the conditioning vector added in between; 1x1 skip when channels change."""
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.block1 = nn.Sequential(_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.block1 = nn.Sequential(group_norm(in_channels), nn.SiLU(),
+                                    nn.Conv2d(in_channels, out_channels, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
-        self.block2 = nn.Sequential(_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
+        self.block2 = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Dropout(dropout),
                                     nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
@@ -49,7 +49,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int, num_heads: int = 4):
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,9 +123,17 @@ class UNet(nn.Module):
             self.upsamplers.append(nn.Identity() if level == 0 else
                                    nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                                  nn.Conv2d(ch, ch, 3, padding=1)))
-        self.output = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.output = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
         nn.init.zeros_(self.output[-1].weight)
         nn.init.zeros_(self.output[-1].bias)
+
+    def check_labels(self, y: Tensor) -> None:
+        """Raise unless every label lies in [0, num_classes] (num_classes = the null label). Call it once per run
+        on the data or per sampling call: `forward` does not read label values (that would be a host sync every
+        step); an out-of-range label fails there in the embedding lookup."""
+        if y.numel() and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null label), "
+                             f"got [{int(y.min())}, {int(y.max())}]")
 
     def _conditioning(self, t: Tensor, y: Tensor | None) -> Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
@@ -135,9 +143,6 @@ class UNet(nn.Module):
             return emb
         if y is None:
             y = torch.full_like(t, self.num_classes)
-        if y.min() < 0 or y.max() > self.num_classes:
-            raise ValueError(f"labels must be in [0, {self.num_classes}] ({self.num_classes} = null label), "
-                             f"got [{int(y.min())}, {int(y.max())}]")
         return emb + self.label_emb(y)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

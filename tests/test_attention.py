@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fm.attention import MultiHeadSelfAttention, get_masked_attention, multi_head_self_attention
+from fm.attention import MultiHeadSelfAttention, causal_sdpa, get_masked_attention, multi_head_self_attention
 
 REF_FULL = [
     [0.2388347, 0.3764442, 0.4025784, 0.3575858],
@@ -104,3 +104,68 @@ def test_clear_errors_on_bad_shapes():
         MultiHeadSelfAttention(n_embd=10, n_head=3, block_size=4)
     with pytest.raises(ValueError, match="block_size"):
         MultiHeadSelfAttention(n_embd=8, n_head=2, block_size=4)(torch.rand(1, 5, 8))
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        MultiHeadSelfAttention(n_embd=8, n_head=2, block_size=4, attn_impl="flash")
+    with pytest.raises(ValueError, match="fewer than"):
+        causal_sdpa(Q, Q[:, :, :2], Q[:, :, :2])
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        causal_sdpa(Q, Q, Q, attention_mask=torch.ones(1, 5))
+
+
+def _manual(Q, K, V, attention_mask=None):
+    """The homework's attention with the causal mask offset by the S - T cached keys."""
+    T, S = Q.shape[-2], K.shape[-2]
+    causal = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)[None, None]
+    return multi_head_self_attention(Q, K, V, causal, nn.Dropout(0.0), attention_mask)
+
+
+@pytest.mark.parametrize("past", [0, 3], ids=["no-cache", "cache"])
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("T", [1, 6])
+def test_sdpa_path_equals_manual(T, padded, past):
+    gen = torch.Generator().manual_seed(10 * T + past + padded)
+    B, h, d, S = 3, 2, 8, past + T
+    Q = torch.randn(B, h, T, d, generator=gen, requires_grad=True)
+    K, V = (torch.randn(B, h, S, d, generator=gen, requires_grad=True) for _ in range(2))
+    pad = _padding_mask(B, S, gen) if padded else None
+    if padded:
+        pad[0] = 1  # one row without padding
+    fast, ref = causal_sdpa(Q, K, V, pad), _manual(Q, K, V, pad)
+    assert not torch.isnan(fast).any()
+    real = torch.ones(B, T, dtype=torch.bool) if pad is None else pad[:, -T:].bool()  # padding queries are never used
+    torch.testing.assert_close(fast.transpose(1, 2)[real], ref.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+
+    weight = torch.randn(B, T, h, d, generator=gen)  # a loss over the real queries only
+    grads = [torch.autograd.grad((out.transpose(1, 2)[real] * weight[real]).sum(), (Q, K, V)) for out in (fast, ref)]
+    for g_fast, g_ref in zip(*grads, strict=True):
+        assert not torch.isnan(g_fast).any()
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_module_equals_manual_with_cache_and_padding():
+    torch.manual_seed(0)
+    manual = MultiHeadSelfAttention(n_embd=16, n_head=4, block_size=16, dropout=0.3).eval()
+    sdpa = MultiHeadSelfAttention(n_embd=16, n_head=4, block_size=16, dropout=0.3, attn_impl="sdpa").eval()
+    sdpa.load_state_dict(manual.state_dict())
+    x = torch.randn(2, 7, 16)
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    outputs = []
+    for attn in (manual, sdpa):  # prefill 5 positions, then decode 2 one at a time; eval mode: no dropout
+        first, past = attn(x[:, :5], attention_mask=pad[:, :5], use_cache=True)
+        second, past = attn(x[:, 5:6], attention_mask=pad[:, :6], layer_past=past, use_cache=True)
+        third, _ = attn(x[:, 6:], attention_mask=pad, layer_past=past)
+        outputs.append(torch.cat([first, second, third], dim=1)[pad.bool()])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    _, _, weights = sdpa(x, return_weights=True)  # SDPA has no weights: the manual path gives them
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
+
+
+def test_sdpa_dropout_only_in_training_mode():
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(n_embd=16, n_head=2, block_size=8, dropout=0.5, attn_impl="sdpa")
+    x = torch.randn(2, 8, 16)
+    attn.eval()
+    y1, _ = attn(x)
+    torch.testing.assert_close(attn(x)[0], y1)
+    attn.train()
+    assert not torch.allclose(attn(x)[0], y1)

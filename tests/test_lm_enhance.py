@@ -1,11 +1,14 @@
-"""Task 1.4: distinct-n, the IPO loss, peak-memory measurement and the top-p (nucleus) filter."""
+"""Task 1.4: distinct-n, the IPO loss, peak-memory measurement, the top-p (nucleus) filter, the KV-cache benchmark,
+batched replies and the comparison config."""
 
 import math
 
 import pytest
 import torch
 
-from fm.enhance import distinct_n, ipo_loss, peak_memory
+from common.memory import peak_memory
+from fm.dpo import ipo_loss
+from fm.metrics import distinct_n
 
 
 def test_distinct_n_hand_computed():
@@ -115,7 +118,7 @@ def tiny_lm():
 
 
 def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
-    from fm.enhance import sample_replies
+    from fm.comparisons import sample_replies
 
     model, tokenizer = tiny_lm
     prompts = ["Human: Hi!\n\nAssistant:", "Human: What is your favourite book and why?\n\nAssistant:"]
@@ -125,20 +128,23 @@ def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
 
 
 def test_reply_ends_where_the_next_turn_starts():
-    from fm.enhance import TURN_HEADER
+    from fm.comparisons import TURN_HEADER
 
     text = " Nice to meet you!\n\nHuman: and you?"
     assert TURN_HEADER.split(text, maxsplit=1)[0].strip() == "Nice to meet you!"
 
 
 def test_kv_cache_benchmark_same_tokens(tiny_lm):
-    from fm.enhance import kv_cache_benchmark
+    from fm.generate import kv_cache_benchmark
 
     model, tokenizer = tiny_lm
-    result = kv_cache_benchmark(model, tokenizer, [4, 8])
-    assert [r["new tokens"] for r in result.rows] == [4, 8]
-    assert all(r["same tokens"] and r["cached (s)"] > 0 and r["uncached (s)"] > 0 for r in result.rows)
-    assert set(result.curves) == {"cached", "uncached"}
+    prompts = torch.tensor([tokenizer.encode("Human: Hi!\n\nAssistant:")] * 2)
+    rows = kv_cache_benchmark(model, prompts, [4, 8])
+    assert [r["new tokens"] for r in rows] == [4, 8]
+    assert all(r["same tokens"] and r["cached (s)"] > 0 and r["uncached (s)"] > 0 for r in rows)
+    for r in rows:  # both rows of the batch count, and the speed-up is the ratio of the times
+        assert r["cached tokens/s"] == pytest.approx(2 * r["new tokens"] / r["cached (s)"])
+        assert r["speed-up"] == pytest.approx(r["uncached (s)"] / r["cached (s)"])
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -147,10 +153,10 @@ def test_kv_cache_benchmark_same_tokens(tiny_lm):
     (dict(label_smoothing=0.5), "label_smoothing"),
     (dict(cache_new_tokens=(0,)), "cache_new_tokens"),
 ])
-def test_enhance_config_rejects_bad_values(overrides, match):
-    from fm.enhance import enhance_config
+def test_lm_enhance_config_rejects_bad_values(overrides, match):
+    from fm.comparisons import lm_enhance_config
 
     with pytest.raises(ValueError, match=match):
-        enhance_config("smoke", **overrides)
+        lm_enhance_config("smoke", **overrides)
     with pytest.raises(ValueError, match="unknown config key"):
-        enhance_config("smoke", not_a_field=1)
+        lm_enhance_config("smoke", not_a_field=1)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from fm.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from common.params import count_parameters
+from fm.lora import LoRALinear, apply_lora, merge_lora
 from fm.model import GPT, GPTConfig
 
 
@@ -37,12 +38,12 @@ def test_lora_starts_as_base_and_merges_exactly(name):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     before = model(ids, attention_mask=mask).logits
-    _, total = count_parameters(model)
+    total = count_parameters(model)
 
     lora = apply_lora(copy.deepcopy(model), rank=4, alpha=8)
     layers = [m for m in lora.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 2 * per_block
-    trainable, total_lora = count_parameters(lora)
+    trainable, total_lora = count_parameters(lora, trainable_only=True), count_parameters(lora)
     assert trainable == sum(m.lora_A.numel() + m.lora_B.numel() for m in layers)
     assert total_lora == total + trainable
     torch.testing.assert_close(lora(ids, attention_mask=mask).logits, before)  # B = 0: no change at init
@@ -53,7 +54,7 @@ def test_lora_starts_as_base_and_merges_exactly(name):
     assert (unmerged - before).abs().max() > 1e-3
     merged = merge_lora(lora)
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
-    assert count_parameters(merged) == (total, total)
+    assert count_parameters(merged, trainable_only=True) == count_parameters(merged) == total
     torch.testing.assert_close(merged(ids, attention_mask=mask).logits, unmerged, atol=1e-5, rtol=1e-5)
 
 

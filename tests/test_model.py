@@ -110,3 +110,90 @@ def test_clear_errors(tmp_path):
         GPT.from_pretrained("no-such-user/no-such-model")
     with pytest.raises(FileNotFoundError, match="config.json"):
         GPT.from_pretrained(tmp_path)
+
+
+def _both_impls(seed: int = 0) -> tuple[GPT, GPT]:
+    """The tiny preset with dropout, on the manual and the SDPA attention, same weights."""
+    torch.manual_seed(seed)
+    manual = GPT(GPTConfig.from_preset("tiny", dropout=0.1))
+    sdpa = GPT(GPTConfig.from_preset("tiny", dropout=0.1, attn_impl="sdpa"))
+    sdpa.load_state_dict(manual.state_dict())
+    return manual.eval(), sdpa.eval()
+
+
+def test_sdpa_gpt_equals_manual_with_left_padding_and_gradients():
+    models = _both_impls()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 1000, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, :1] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 1:][mask[:, :-1] == 0] = -100  # the loss reads logits at real positions only
+    outs = [model(ids, attention_mask=mask, labels=labels) for model in models]  # eval mode: dropout off
+    real = mask.bool()
+    assert not torch.isnan(outs[1].logits).any()
+    torch.testing.assert_close(outs[1].logits[real], outs[0].logits[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, atol=1e-5, rtol=1e-5)
+    for out in outs:
+        out.loss.backward()
+    for (name, p_manual), p_sdpa in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p_sdpa.grad, p_manual.grad, atol=1e-5, rtol=1e-5, msg=name)
+    with torch.no_grad():  # no mask: the kernel's own causal mask
+        torch.testing.assert_close(models[1](ids).logits, models[0](ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_gpt_equals_manual_in_cached_decoding():
+    models = _both_impls(1)
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt of 6 positions, then 4 tokens decoded one at a time
+    steps = []
+    with torch.no_grad():
+        for model in models:
+            out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+            logits = [out.logits[:, -1]]
+            for t in range(6, 10):
+                out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=out.past_key_values,
+                            use_cache=True)
+                logits.append(out.logits[:, -1])
+            steps.append(torch.stack(logits, dim=1))
+    torch.testing.assert_close(steps[1], steps[0], atol=1e-5, rtol=1e-5)
+
+
+def test_attn_impl_is_validated_and_reaches_every_block(tmp_path):
+    with pytest.raises(ValueError, match="attn_impl must be one of"):
+        GPTConfig(attn_impl="flash")
+    model = GPT(GPTConfig.from_preset("tiny", attn_impl="sdpa"))
+    assert all(block.attn.attn_impl == "sdpa" for block in model.transformer.h)
+    model.save_pretrained(tmp_path)
+    assert GPT.from_pretrained(tmp_path, attn_impl="sdpa").transformer.h[0].attn.attn_impl == "sdpa"
+    assert GPT.from_pretrained(tmp_path).transformer.h[0].attn.attn_impl == "manual"  # the homework's by default
+
+
+def test_full_profile_uses_sdpa():
+    from fm.pretrained import load_lm
+    from fm.sft import sft_config
+
+    cfg = sft_config("full")
+    assert cfg.attn_impl == "sdpa" and sft_config("quick").attn_impl == "manual"
+    model, _ = load_lm("tiny", device="cpu", verbose=False, attn_impl=cfg.attn_impl)
+    assert {block.attn.attn_impl for block in model.transformer.h} == {"sdpa"}
+
+
+def test_projection_weights_are_stored_in_conv1d_order():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    for name, p in model.named_parameters():
+        if name.endswith(GPT._CONV1D):  # (out, in) shape, (in, out) memory: the fast matmul on CPU
+            assert p.t().is_contiguous(), name
+    assert all(v.is_contiguous() for v in model.hf_state_dict().values())  # what safetensors needs
+
+
+def test_old_transformers_is_refused_at_import(monkeypatch):
+    import fm
+
+    monkeypatch.setattr(fm, "version", lambda name: "4.57.1")
+    with pytest.raises(ImportError, match=r"transformers 4.57.1 is installed.*pip install 'transformers>=5,<6'"):
+        fm._check_transformers()
+    monkeypatch.setattr(fm, "version", lambda name: "5.24.0")
+    fm._check_transformers()

@@ -1,8 +1,16 @@
-"""Every notebook runs end to end in the `smoke` profile (a few steps each), so a broken notebook fails CI."""
+"""Every notebook runs end to end in the `smoke` profile (a few steps each), so a broken notebook fails CI; the
+runner restarts a sequence, shows a notebook's own output and hides the kernel's transport warning."""
 
+import re
+from pathlib import Path
+
+import nbformat
 import pytest
 
-from common.run_notebooks import list_notebooks, run_notebook
+from common import run_notebooks
+from common.run_notebooks import TRANSPORT_WARNING, list_notebooks, main, notebooks_from, run_notebook
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.mark.slow
@@ -13,8 +21,45 @@ def test_notebook_runs_in_smoke_profile(path):
 
 
 def test_every_notebook_is_run_by_make_figures():
-    from pathlib import Path
-
-    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
-    assert "common.run_notebooks --profile $(PROFILE)\n" in makefile  # no names: runs all of notebooks/
+    makefile = (ROOT / "Makefile").read_text()
+    # no names: runs all of notebooks/, or the tail of the sequence from FROM
+    assert "common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))\n" in makefile
     assert list_notebooks(), "notebooks/ is empty"
+
+
+def test_from_restarts_the_sequence_at_a_notebook(monkeypatch, capsys):
+    notebooks = list_notebooks()
+    assert notebooks_from(notebooks[2].stem[:3]) == notebooks[2:]
+    assert notebooks_from(notebooks[0].name) == notebooks
+    ran = []
+    monkeypatch.setattr(run_notebooks, "run_notebook", lambda path, profile, echo: ran.append(path) or 1.0)
+    assert main(["--from", notebooks[-1].stem, "--profile", "smoke"]) == 0
+    assert ran == notebooks[-1:]
+    assert main(["--from", "no_such_notebook"]) == 2
+    assert "matches 0 notebooks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--from", notebooks[0].stem, notebooks[1].stem])
+
+
+@pytest.mark.slow
+def test_runner_echoes_the_notebook_and_hides_the_transport_warning(tmp_path, capsys):
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell("# title"),
+                      nbformat.v4.new_code_cell("import sys\nprint('hello from the notebook')\n"
+                                                "print('a warning', file=sys.stderr)")]
+    nbformat.write(notebook, tmp_path / "echo.ipynb")
+    run_notebook(tmp_path / "echo.ipynb", "smoke", timeout=120, echo=True)
+    out, err = capsys.readouterr()
+    assert "-- cell 1/1" in out and "hello from the notebook" in out
+    assert "a warning" in err and TRANSPORT_WARNING not in err + out
+
+
+def test_pyproject_installs_the_packages_with_the_requirements():
+    """`pip install -e .` gives the notebooks `common`, `fm` and `gm` with the dependencies of requirements.txt."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"] == ["common", "fm", "gm"]
+    declared = project["project"]["dependencies"] + project["project"]["optional-dependencies"]["dev"]
+    lines = [re.sub(r"\s*#.*", "", line) for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(declared) == sorted(line for line in lines if line)
+    assert "torch==2.13.0" in declared

@@ -43,8 +43,8 @@ def test_transformers_gpt2_dir_loads_with_gpt2_tokenizer(tmp_path):
 def test_auto_falls_back_to_smollm2_offline(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     chosen = []
-    tiny = (pretrained._tiny_gpt(), pretrained.get_gpt2_tokenizer())
-    monkeypatch.setattr(pretrained, "_load", lambda name, device: chosen.append(name) or tiny)
+    tiny = (pretrained._tiny_gpt("manual"), pretrained.get_gpt2_tokenizer())
+    monkeypatch.setattr(pretrained, "_load", lambda name, device, attn_impl: chosen.append(name) or tiny)
     load_lm("auto", device="cpu")
     assert chosen == ["smollm2-135m"]
     out = capsys.readouterr().out

@@ -1,13 +1,18 @@
-"""SFT training: the loss, that a few steps fit a fixed batch, bit-exact resume, LoRA, config errors."""
+"""SFT training: the loss, accumulation equal to one batch, a few steps fit a fixed batch, bit-exact resume, LoRA,
+config errors, runs keyed by their config."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from common.data import batch_indices
 from fm.data import IGNORE_INDEX
 from fm.lora import LoRALinear
-from fm.sft import build_sft, causal_lm_loss, sft_config, sft_loss
+from fm.losses import causal_lm_loss
+from fm.model import GPT, GPTConfig
+from fm.sft import build_sft, sft_config, sft_loss
 from fm.tokenizer import get_gpt2_tokenizer
+from fm.training import is_saved
 
 
 def _tiny_model(seed: int = 0) -> GPT2LMHeadModel:
@@ -34,6 +39,46 @@ def test_causal_lm_loss_shifts_like_transformers():
     torch.testing.assert_close(causal_lm_loss(out.logits, labels), out.loss)
     with pytest.raises(ValueError, match="disagree"):
         causal_lm_loss(out.logits, labels[:, :-1])
+
+
+def _gradients_of_one_step(setup) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run step 0 of `setup` and return the gradients it hands to the optimizer (no update is made) and its metrics."""
+    grads = {}
+
+    def capture(name: str) -> float:
+        grads.update({n: p.grad.clone() for n, p in setup.model.named_parameters()})
+        setup.model.zero_grad(set_to_none=True)
+        return 0.0
+
+    setup.trainer.optimizer_step = capture
+    setup.model.train()
+    return grads, setup.step_fn(0)
+
+
+def test_accumulated_micro_batches_equal_one_batch():
+    """2 micro-batches of 2 give the loss and gradients of one batch of 4 (TRL's token normalisation), although
+    the examples' replies have different lengths, so a mean of per-micro-batch token means would differ."""
+    tiny_gpt = lambda: GPT(GPTConfig.from_preset("tiny")).double()
+    runs = {}
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        setup = build_sft(_cfg(batch_size=batch_size, grad_accum=grad_accum), tiny_gpt(), get_gpt2_tokenizer())
+        runs[grad_accum] = (setup, *_gradients_of_one_step(setup))
+    (one, grads_one, metrics_one), (_, grads_acc, metrics_acc) = runs[1], runs[2]
+    torch.testing.assert_close(metrics_acc["loss"], metrics_one["loss"])
+    for name, grad in grads_one.items():
+        torch.testing.assert_close(grads_acc[name], grad, msg=name)
+
+    indices = batch_indices(len(one.train), 4, 0, one.cfg.seed).tolist()  # step 0's examples, in both settings
+    halves = [one.batch_fn(indices[:2]), one.batch_fn(indices[2:])]
+    tokens = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in halves]
+    assert tokens[0] != tokens[1], tokens  # otherwise both normalisations agree and the test proves nothing
+    with torch.no_grad():
+        one.model.eval()
+        mean_of_means = sum(sft_loss(one.model, b)[0] for b in halves) / 2
+        whole = sft_loss(one.model, one.batch_fn(indices))[0]
+    torch.testing.assert_close(metrics_one["loss"], whole)
+    assert abs(float(mean_of_means - whole)) > 1e-6
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
@@ -95,9 +140,25 @@ def test_smoke_run_saves_the_model_that_load_or_train_sft_returns():
 
     cfg = sft_config("smoke", device="cpu")
     result = train_sft(cfg)
-    assert (sft_dir(cfg) / "sft_config.json").exists()
+    assert is_saved(sft_dir(cfg)) and result.out_dir == sft_dir(cfg)
     rows = result.trainer.eval_log.rows
     assert [r["step"] for r in rows] == [0, 2, 4] and all("val_loss" in r for r in rows)
     model, tokenizer = load_or_train_sft("smoke", device="cpu")  # loads: no second training run
     ids = torch.tensor([tokenizer.encode("Human: Hi\n\nAssistant:")])
     torch.testing.assert_close(model(ids).logits, result.model(ids).logits)
+
+
+def test_run_folders_are_keyed_by_the_training_config(capsys):
+    from fm.sft import load_or_train_sft, sft_dir
+
+    base = sft_config("smoke")
+    assert sft_dir(sft_config("smoke", device="cpu", ckpt_interval=2, eval_interval=1)) == sft_dir(base)
+    other_lr = sft_config("smoke", lr=2e-3)
+    assert sft_dir(other_lr) != sft_dir(base)
+    load_or_train_sft("smoke", device="cpu", steps=2)
+    assert "training it" in capsys.readouterr().out
+    load_or_train_sft("smoke", device="cpu", steps=2, lr=2e-3)  # the override counts: another model
+    assert "training it" in capsys.readouterr().out
+    assert is_saved(sft_dir(sft_config("smoke", steps=2, lr=2e-3)))
+    load_or_train_sft("smoke", device="cpu", steps=2, lr=2e-3)
+    assert "loading the SFT model" in capsys.readouterr().out

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from common import make_config
+from common.checks import Check
 from fm.attention import MultiHeadSelfAttention
 from fm.mha_variants import MHA1, MHA2, count_parameters, mha1_from_gpt2_attention, mha1_to_mha2, mha_param_formula
-from gm import theory
+from fm.theory_mha import mha_checks
+from gm import theory_ddim, theory_gauss, theory_ou, theory_reverse
 from gm.diffusion import GaussianDiffusion, beta_schedule
+from gm.theory_config import PRESETS, TheoryConfig
 
 F64 = torch.float64
 
@@ -72,6 +75,13 @@ def test_mha_parameter_counts_match_formula():
     assert count_parameters(MHA2(**odd)) == mha_param_formula(d_head=2, **odd)["MHA2"]
 
 
+def test_mha_checks_of_the_notebook_pass():
+    checks = mha_checks(d_model=64, d_head=16, seed=1)
+    assert_all_pass(checks)
+    rank = next(c for c in checks if "rank" in c.quantity)
+    assert rank.measured == 16 < 64  # the mapped value maps are far from full rank
+
+
 def test_mha_rejects_bad_shapes():
     mha = MHA1(8, 8, 8, 4, 4, 8, 2)
     x = torch.randn(2, 5, 8)
@@ -85,47 +95,48 @@ def test_mha_rejects_bad_shapes():
 
 # ----------------------------------------------------------------------------- Problem 1: reverse conditional
 def test_posterior_closed_forms_agree_with_each_other_and_gm_diffusion(betas, diffusion):
-    assert_all_pass([theory.posterior_form_agreement(betas, n=64), *theory.posterior_vs_diffusion(betas, diffusion)])
-    assert theory.posterior_closed_form(betas, 1) == pytest.approx((1.0, 0.0, 0.0))  # one step back: x_0
+    assert_all_pass([theory_reverse.posterior_form_agreement(betas, n=64),
+                     *theory_reverse.posterior_vs_diffusion(betas, diffusion)])
+    assert theory_reverse.posterior_closed_form(betas, 1) == pytest.approx((1.0, 0.0, 0.0))  # one step back: x_0
 
 
 def test_reverse_conditional_monte_carlo(betas):
-    checks = theory.reverse_conditional_mc(betas, (2, 10, 50), n=40_000, seed=3)
+    checks = theory_reverse.reverse_conditional_mc(betas, (2, 10, 50), n=40_000, seed=3)
     assert_all_pass(checks)
     # the natural mistake, variance beta_t instead of beta_tilde_t, is rejected at small t by a wide margin
     var_t2 = next(c for c in checks if c.quantity == "t=2: variance beta_tilde")
     assert abs(var_t2.measured - betas[1].item()) > 50 * var_t2.stderr
     with pytest.raises(ValueError, match="2.."):
-        theory.reverse_conditional_mc(betas, (1,), n=1000)
+        theory_reverse.reverse_conditional_mc(betas, (1,), n=1000)
 
 
 # -------------------------------------------------------------------------------------- Problem 2: DDIM family
 def test_ddim_family_keeps_the_marginals_and_the_control_fails(betas, diffusion):
-    alphas = theory.alphas_cumprod(betas)[1:][diffusion.ddim_timesteps(20)]
-    checks, variances = theory.ddim_marginal_checks(alphas, n=20_000, seed=5)
+    alphas = theory_reverse.alphas_cumprod(betas)[1:][diffusion.ddim_timesteps(20)]
+    checks, variances = theory_ddim.ddim_marginal_checks(alphas, n=20_000, seed=5)
     control = [c for c in checks if "must fail" in c.quantity]
     assert_all_pass([c for c in checks if c not in control])
     assert len(control) == 1 and not control[0].passes()
-    assert len(variances) == len(theory.SIGMA_FAMILIES) + 1
+    assert len(variances) == len(theory_ddim.SIGMA_FAMILIES) + 1
 
 
 def test_ddim_family_rejects_inadmissible_sigma(betas):
-    alphas = theory.alphas_cumprod(betas)[1:][::100]
-    too_big = theory.ddim_family_sigmas(alphas, theory.SIGMA_FAMILIES[3]) * 1.01
+    alphas = theory_reverse.alphas_cumprod(betas)[1:][::100]
+    too_big = theory_ddim.ddim_family_sigmas(alphas, theory_ddim.SIGMA_FAMILIES[3]) * 1.01
     with pytest.raises(ValueError, match="inadmissible"):
-        theory.ddim_marginals_mc(alphas, too_big, n=1000)
+        theory_ddim.ddim_marginals_mc(alphas, too_big, n=1000)
     with pytest.raises(ValueError, match="unknown sigma family"):
-        theory.ddim_family_sigmas(alphas, "eta=2")
+        theory_ddim.ddim_family_sigmas(alphas, "eta=2")
 
 
 def test_gm_diffusion_ddim_sampler_is_a_member_of_the_family(diffusion):
-    assert_all_pass(theory.ddim_sampler_in_family(diffusion, steps=10, n=256))
+    assert_all_pass(theory_ddim.ddim_sampler_in_family(diffusion, steps=10, n=256))
 
 
 # ---------------------------------------------------------------------- 1-D Gaussian: mean only / DDPM / DDIM
 def test_gaussian_reverse_variances_sigma4_vs_sigma2():
     sigma2 = 0.05
-    result = theory.gaussian_reverse_experiment(sigma2, steps=200, n=20_000, seed=7)
+    result = theory_gauss.gaussian_reverse_experiment(sigma2, steps=200, n=20_000, seed=7)
     assert_all_pass(result.checks)
     var = {row["sampler"]: row["Var(x_0) simulated"] for row in result.table}
     assert var["mean only"] < 0.1 * sigma2  # ~ sigma^4: far too narrow
@@ -133,46 +144,54 @@ def test_gaussian_reverse_variances_sigma4_vs_sigma2():
         assert 0.9 * sigma2 < var[sampler] < 1.1 * sigma2
     assert 0.8 * sigma2 < var["DDIM"] < sigma2 / (1 + sigma2)  # discrete DDIM shrinks a little more than its limit
     # exact posterior variances from N(0, 1) land on the continuum limit at any T (only X_1's variance is off)
-    a, v = theory.reverse_coefficients(sigma2, 50, "DDPM, exact posterior var")
-    limit = theory.reverse_variance_limit(sigma2, "DDPM, exact posterior var")
-    assert theory.reverse_variance_exact(a, v)[0].item() == pytest.approx(limit, rel=1e-12)
-    assert theory.reverse_variance_exact(a, v, start_var=1 + sigma2)[0].item() == pytest.approx(sigma2, rel=1e-12)
+    a, v = theory_gauss.reverse_coefficients(sigma2, 50, "DDPM, exact posterior var")
+    limit = theory_gauss.reverse_variance_limit(sigma2, "DDPM, exact posterior var")
+    assert theory_gauss.reverse_variance_exact(a, v)[0].item() == pytest.approx(limit, rel=1e-12)
+    assert theory_gauss.reverse_variance_exact(a, v, start_var=1 + sigma2)[0].item() == pytest.approx(sigma2, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------- Problem 3: OU and DSM
 def test_ou_marginals_and_loss_at_optimum():
-    checks = theory.ou_marginal_mc((0.5,), n=20_000, dt=5e-3, seed=11)
-    checks += theory.ou_loss_at_optimum_checks(1.0, (1e-1, 1e-2), n=50_000, seed=12)
+    checks = theory_ou.ou_marginal_mc((0.5,), n=20_000, dt=5e-3, seed=11)
+    checks += theory_ou.ou_loss_at_optimum_checks(1.0, (1e-1, 1e-2), n=50_000, seed=12)
     assert_all_pass(checks)
-    closed, mc, se = theory.ou_dsm_at_optimum(torch.tensor([1e-3, 0.1, 2.0], dtype=F64), n=20_000, seed=13)
+    closed, mc, se = theory_ou.ou_dsm_at_optimum(torch.tensor([1e-3, 0.1, 2.0], dtype=F64), n=20_000, seed=13)
     assert ((mc - closed).abs() <= 5 * se).all()
     assert closed[0] > 900  # ~ 1/t: lambda = 1 cannot be integrated down to t = 0
 
 
 def test_ou_loss_gap_is_m_squared():
     for m in (0.1, 0.3):
-        gap = theory.ou_loss_gap(m, 1.0, n=50_000, seed=17)
+        gap = theory_ou.ou_loss_gap(m, 1.0, n=50_000, seed=17)
         assert gap.passes()
         assert abs(gap.measured - m) > 5 * gap.stderr  # m (not m^2) would be rejected
 
 
 def test_singular_reverse_ode_converges_at_order_one_half():
-    euler, exact = theory.ou_ode_log_gain(0.1, 1.0, steps=100_000)
+    euler, exact = theory_ou.ou_ode_log_gain(0.1, 1.0, steps=100_000)
     assert euler == pytest.approx(exact, rel=1e-2)
     assert exact == pytest.approx(0.1 * math.atanh(math.sqrt(1 - math.exp(-1))), rel=1e-12)
-    _, _, checks = theory.ou_ode_convergence(0.1, 1.0, (100, 1_000, 10_000), t_start=0.25)
+    _, _, checks = theory_ou.ou_ode_convergence(0.1, 1.0, (100, 1_000, 10_000), t_start=0.25)
     assert_all_pass(checks)
 
 
 def test_optimal_denoiser_is_the_true_score():
-    assert_all_pass(theory.ou_optimal_denoiser((0.25, 1.0), n=20_000, seed=19))
+    assert_all_pass(theory_ou.ou_optimal_denoiser((0.25, 1.0), n=20_000, seed=19))
 
 
 # ------------------------------------------------------------------------------------------------- config
+def test_check_tolerances_and_rows():
+    mc = Check("P", "a|b", derived=1.0, measured=1.3, stderr=0.05)
+    assert mc.z == pytest.approx(6.0) and not mc.passes() and mc.passes(z_max=7.0)
+    exact = Check("P", "q", derived=0.0, measured=1e-10)
+    assert exact.z is None and exact.passes() and not Check("P", "q", 0.0, 1e-8).passes()
+    assert mc.row()["quantity"] == "a\\|b" and exact.row()["MC std err"] == "exact"
+
+
 def test_config_presets_and_validation():
-    assert make_config(theory.TheoryConfig, theory.PRESETS, profile="smoke").n_samples < make_config(
-        theory.TheoryConfig, theory.PRESETS, profile="quick").n_samples
+    assert make_config(TheoryConfig, PRESETS, profile="smoke").n_samples < make_config(
+        TheoryConfig, PRESETS, profile="quick").n_samples
     with pytest.raises(ValueError, match="n_samples"):
-        make_config(theory.TheoryConfig, theory.PRESETS, profile="smoke", n_samples=10)
+        make_config(TheoryConfig, PRESETS, profile="smoke", n_samples=10)
     with pytest.raises(ValueError, match="unknown config key"):
-        make_config(theory.TheoryConfig, theory.PRESETS, profile="smoke", samples=10)
+        make_config(TheoryConfig, PRESETS, profile="smoke", samples=10)

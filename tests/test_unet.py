@@ -20,6 +20,13 @@ def test_shapes(mults, size, blocks):
     assert tiny_unet(out_channels=6)(x, torch.zeros(3, dtype=torch.long)).shape == (3, 6, size, size)
 
 
+def test_widths_that_are_not_multiples_of_eight():
+    model = tiny_unet(base_channels=12)  # widths 12 and 24: GroupNorm with gcd(8, width) = 4 and 8 groups
+    assert [m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)][:2] == [4, 4]
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x, torch.tensor([3, 700]), torch.tensor([1, 10])).shape == x.shape
+
+
 def test_zero_initialised_output_then_trainable():
     model = tiny_unet()
     x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
@@ -66,6 +73,11 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(2, 3, 7, 7), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="labels must be"):
+        model.check_labels(torch.tensor([0, 11]))
+    with pytest.raises(ValueError, match="labels must be"):
+        model.check_labels(torch.tensor([-1, 3]))
+    model.check_labels(torch.tensor([0, 10]))  # 10 = the null label
+    with pytest.raises(IndexError):  # forward does not read label values; the embedding lookup fails
         model(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.tensor([0, 11]))
     with pytest.raises(ValueError, match="unconditional"):
         tiny_unet(num_classes=0)(torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.tensor([0, 1]))

@@ -54,8 +54,6 @@ def test_vae_rejects_bad_input():
     vae = VAE(3, num_channels=8)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         vae(torch.rand(2, 1, 32, 32))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        vae(torch.full((1, 3, 32, 32), float("nan")))
     with pytest.raises(ValueError, match="divisible by 4"):
         vae(torch.rand(1, 3, 30, 30))
     with pytest.raises(ValueError, match="latent"):

@@ -1,0 +1,88 @@
+"""Derived-vs-measured checks of the theory problems, and the small statistics they are measured with.
+
+A theory module returns `Check` rows (derived value, measured value, Monte Carlo standard error) that the notebook
+tabulates and the tests assert on. Simulations run in float64 (`DTYPE`) on the CPU with an explicit
+`torch.Generator` (`seeded_generator`), so every check is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DTYPE = torch.float64
+
+
+@dataclass
+class Check:
+    """One derived-vs-measured comparison. `stderr`: Monte Carlo standard error of `measured` (None: deterministic);
+    `tol`: absolute tolerance of a deterministic comparison (float round-off, discretisation)."""
+
+    problem: str
+    quantity: str
+    derived: float
+    measured: float
+    stderr: float | None = None
+    tol: float = 1e-9
+
+    @property
+    def error(self) -> float:
+        return abs(self.measured - self.derived)
+
+    @property
+    def z(self) -> float | None:
+        """Error in units of the standard error (None for deterministic checks)."""
+        return None if not self.stderr else self.error / self.stderr
+
+    def passes(self, z_max: float = 5.0) -> bool:
+        """|measured - derived| <= z_max * stderr + tol."""
+        return self.error <= z_max * (self.stderr or 0.0) + self.tol
+
+    def row(self) -> dict:
+        z = self.z
+        return {
+            "problem": self.problem,
+            "quantity": self.quantity.replace("|", "\\|"),  # a bare | would split the markdown cell
+            "derived": self.derived,
+            "measured": self.measured,
+            "MC std err": "exact" if self.stderr is None else f"{self.stderr:.2g}",
+            "error / std err": "-" if z is None else f"{z:.2f}",
+            "within 5 s.e. (or tol)": "yes" if self.passes() else "no",
+        }
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`: each check draws from its own stream."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(n: int, gen: torch.Generator) -> Tensor:
+    """(n,) float64 standard normal draws from `gen`."""
+    return torch.randn(n, generator=gen, dtype=DTYPE)
+
+
+def mean_and_se(x: Tensor) -> tuple[float, float]:
+    """Sample mean of a 1-D tensor and its standard error std / sqrt(n)."""
+    return x.mean().item(), (x.std() / math.sqrt(x.numel())).item()
+
+
+def var_and_se(x: Tensor) -> tuple[float, float]:
+    """Sample variance and its standard error sqrt((m4 - var^2) / n), valid for any distribution with a 4th moment."""
+    centred = x - x.mean()
+    var = centred.pow(2).mean()
+    return var.item(), ((centred.pow(4).mean() - var**2).clamp(min=0) / x.numel()).sqrt().item()
+
+
+def ols(y: Tensor, features: list[Tensor]) -> tuple[Tensor, Tensor, float, float]:
+    """Least squares y (n,) ~ stack(features) (n, p) @ coef. Returns (coef (p,), coef std errors (p,), residual
+    variance, its std error)."""
+    x = torch.stack(features, dim=1)
+    n, p = x.shape
+    gram_inv = torch.linalg.inv(x.T @ x)
+    coef = gram_inv @ (x.T @ y)
+    residual = y - x @ coef
+    res_var = residual.pow(2).sum().item() / (n - p)
+    return coef, (res_var * gram_inv.diagonal()).sqrt(), res_var, var_and_se(residual)[1]

@@ -1,0 +1,311 @@
+"""Course tooling: solution regions, the student release and the autograder, on this very tree.
+
+The grading tests are slow (each grading runs pytest once per task in a subprocess): together under 2 minutes on
+2 cores.
+"""
+
+import ast
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from course.grade import grade, write_reports
+from course.regions import RegionError, find_regions, scan_tree, strip_regions
+from course.release import build_release, check_regions
+from course.tasks import TASKS, task_by_id
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPORT_CHECK = "import fm.attention, fm.sft, fm.dpo, gm.loss, gm.model, gm.diffusion"
+
+
+def _stub(task_id: str, function: str) -> str:
+    return f"Task {task_id}: implement {function} (see its docstring and {task_by_id(task_id).notebook})"
+
+
+# ---------------------------------------------------------------------------------------------- regions
+SAMPLE = '''def kl_divergence(mean, logvar):
+    """The docstring stays."""
+    if mean is None:
+        raise ValueError("input validation stays")
+    ### BEGIN SOLUTION
+    per_dim = mean + logvar
+    return per_dim
+    ### END SOLUTION
+'''
+
+
+def test_a_region_becomes_a_raise_naming_the_task_and_keeps_signature_docstring_and_checks():
+    stripped, (region,) = strip_regions(SAMPLE, "gm/loss.py")
+    assert (region.function, region.task.id, region.begin, region.end) == ("kl_divergence", "2.1", 5, 8)
+    assert "per_dim" not in stripped and "BEGIN SOLUTION" not in stripped
+    assert stripped.startswith('def kl_divergence(mean, logvar):\n    """The docstring stays."""\n    if mean is None:')
+    assert f'    # YOUR CODE HERE\n    raise NotImplementedError("{_stub("2.1", "kl_divergence")}")\n' in stripped
+    namespace = {}
+    exec(stripped, namespace)
+    with pytest.raises(NotImplementedError, match=r"^Task 2\.1: implement kl_divergence \(see its docstring"):
+        namespace["kl_divergence"](1, 2)
+    with pytest.raises(ValueError, match="input validation stays"):
+        namespace["kl_divergence"](None, 2)
+
+
+def test_a_long_stub_is_wrapped_to_the_line_length():
+    source = "class GaussianDiffusion:\n    def q_posterior(self):\n" + " " * 8 + "### BEGIN SOLUTION\n"
+    source += " " * 8 + "return 1\n" + " " * 8 + "### END SOLUTION\n"
+    stripped, _ = strip_regions(source, "gm/diffusion.py")
+    assert max(len(line) for line in stripped.splitlines()) <= 120
+    ast.parse(stripped)
+
+
+def _function(body: str, name: str = "dpo_loss") -> str:
+    return f"def {name}(x):\n" + textwrap.indent(textwrap.dedent(body), "    ")
+
+
+@pytest.mark.parametrize(
+    "source, match",
+    [
+        (_function("### BEGIN SOLUTION\nreturn x\n"), "never closed"),
+        (_function("return x\n### END SOLUTION\n"), "without a"),
+        (_function("### BEGIN SOLUTION\n### BEGIN SOLUTION\nreturn x\n### END SOLUTION\n"), "do not nest"),
+        (_function("## BEGIN SOLUTION\nreturn x\n### END SOLUTION\n"), "malformed solution marker"),
+        (_function("### BEGIN SOLUTION\nreturn x\n") + "### END SOLUTION\n", "indented differently"),
+        ("### BEGIN SOLUTION\nX = 1\n### END SOLUTION\n", "outside any function"),
+        (_function("### BEGIN SOLUTION\nreturn x\n### END SOLUTION\n", name="helper"), "no task lists 'helper'"),
+        (_function("y = (1 +\n### BEGIN SOLUTION\n2)\n### END SOLUTION\nreturn y\n"), "leaves invalid Python"),
+    ],
+    ids=["unclosed", "end-without-begin", "nested", "misspelt", "end-indent", "module-level", "unmapped", "cut"],
+)
+def test_malformed_regions_fail_loudly_with_file_and_line(source, match):
+    with pytest.raises(RegionError, match=match) as err:
+        strip_regions(source, "fm/dpo.py")
+    assert str(err.value).startswith("fm/dpo.py:")
+
+
+def test_every_task_has_its_regions_in_this_tree():
+    regions = check_regions(ROOT)  # raises if a function of the table holds no region, or a region maps to no task
+    for task in TASKS:
+        assert {r.function for r in regions if r.task is task} == set(task.functions), task.id
+
+
+def test_the_readme_names_every_function_a_student_writes():
+    readme = (ROOT / "README.md").read_text()
+    assert "## For instructors" in readme and "## For students" in readme
+    students = readme.split("## For students", 1)[1]
+    for region in check_regions(ROOT):
+        assert f"{region.function}`" in students and region.path in students, region.function
+
+
+# ---------------------------------------------------------------------------------------------- release
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    return build_release(tmp_path_factory.mktemp("dist") / "student", check_imports=False).out
+
+
+def test_release_has_the_students_files_only_and_no_solution(release):
+    assert not scan_tree(release), "solution markers left in the release"
+    for region in check_regions(ROOT):
+        assert _stub(region.task.id, region.function) in (release / region.path).read_text()
+    for path in ("README.md", "report.md", "Makefile", "pyproject.toml", "requirements.txt", "course/grade.py",
+                 "grading/test_task_1_1.py", "tests/test_attention.py", "notebooks/1_1_attention.ipynb"):
+        assert (release / path).is_file(), path
+    for path in ("fig", "grading/hidden", "tests/test_course.py", "tests/test_report.py", ".venv", "checkpoints"):
+        assert not (release / path).exists(), path
+    assert (release / "report.md").read_text() == (ROOT / "course/report_template.md").read_text()
+    assert "e-07" not in (release / "report.md").read_text()  # the template has no results
+    readme = (release / "README.md").read_text()
+    assert "| 1.1 Multi-head self-attention | `get_masked_attention`, `multi_head_self_attention` |" in readme
+    for notebook in (release / "notebooks").glob("*.ipynb"):
+        cells = [c for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code"]
+        assert cells and all(c.outputs == [] and c.execution_count is None for c in cells), notebook.name
+
+
+def _signature_and_docstring(text: str, function: str) -> tuple[str, str | None]:
+    functions = (n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))
+    node = next(n for n in functions if n.name == function)
+    return ast.unparse(node.args), ast.get_docstring(node)
+
+
+def test_release_keeps_signatures_and_docstrings(release):
+    for region in check_regions(ROOT):
+        ours = _signature_and_docstring((ROOT / region.path).read_text(), region.function)
+        assert _signature_and_docstring((release / region.path).read_text(), region.function) == ours
+        assert ours[1], f"{region.function} has no docstring to guide the student"
+
+
+def test_release_imports_cleanly(release):
+    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=release, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(release), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr
+
+
+RUN_CELLS = """
+import json, sys, traceback
+import nbformat
+cells = [c for c in nbformat.read(sys.argv[1], as_version=4).cells if c.cell_type == "code"]
+namespace = {}
+for index, cell in enumerate(cells):
+    try:
+        exec(compile(cell.source, f"cell {index}", "exec"), namespace)
+    except Exception as err:
+        print(json.dumps({"cell": index, "of": len(cells), "error": type(err).__name__, "message": str(err)}))
+        break
+"""
+
+
+@pytest.mark.slow
+def test_notebook_stops_at_the_first_unimplemented_function_naming_the_task(release):
+    """The 1.1 notebook's cells run in order, as a kernel would, until the first call of a stub."""
+    notebooks = release / "notebooks"
+    env = {**os.environ, "HW3_PROFILE": "smoke", "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": str(release)}
+    proc = subprocess.run([sys.executable, "-c", RUN_CELLS, "1_1_attention.ipynb"], cwd=notebooks,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    stop = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stop["error"] == "NotImplementedError" and 0 < stop["cell"] < stop["of"], stop
+    assert stop["message"] == _stub("1.1", "multi_head_self_attention")
+
+
+# ---------------------------------------------------------------------------------------------- grader
+def _submission(release: Path, tmp_path: Path) -> Path:
+    """A copy of the release to edit as a student would."""
+    return Path(shutil.copytree(release, tmp_path / "submission"))
+
+
+def _paste(submission: Path, task_id: str, bodies: dict[str, str] | None = None) -> None:
+    """Put back the solution's region bodies of `task_id` (or, per function, the given `bodies`) in place of the
+    release's stubs, as a student would write them."""
+    for path in sorted({r.path for r in check_regions(ROOT) if r.task.id == task_id}):
+        lines = (ROOT / path).read_text().splitlines(keepends=True)
+        text = (submission / path).read_text()
+        for region in find_regions("".join(lines), path):
+            if region.task.id != task_id:
+                continue
+            body = "".join(lines[region.begin : region.end - 1])
+            if bodies and region.function in bodies:
+                body = textwrap.indent(textwrap.dedent(bodies[region.function]), region.indent)
+            stub = "".join(region.stub())
+            assert text.count(stub) == 1, (path, region.function)
+            text = text.replace(stub, body)
+        (submission / path).write_text(text)
+
+
+def _by_id(result) -> dict:
+    return {t.id: t for t in result.tasks}
+
+
+@pytest.mark.slow
+def test_the_solution_grades_full_marks(tmp_path):
+    result = grade(ROOT, jobs=2)
+    json_path, md_path = write_reports(result, tmp_path)
+    report = json.loads(json_path.read_text())
+    assert report["percent"] == 100.0 and report["points"] == report["max_points"] == 100
+    assert report["hidden_tests"] is True
+    assert [t["id"] for t in report["tasks"]] == [t.id for t in TASKS]
+    for task in report["tasks"]:
+        assert task["status"] == "graded" and task["passed"] == task["total"] > 0, task
+        assert task["first_failure"] is None
+        assert any("/hidden/" in t["id"] for t in task["tests"]), task["id"]
+    assert "**100 / 100 points (100 %)**" in md_path.read_text()
+    assert result.seconds < 180
+
+
+@pytest.mark.slow
+def test_a_fresh_release_grades_zero_on_every_task(release):
+    result = grade(release, jobs=2)
+    assert result.points == 0
+    for task in result.tasks:
+        assert task.status == "graded" and task.passed == 0 and task.total > 0, task.id
+        assert f"Task {task.id}: implement" in task.first_failure.message, task.first_failure
+
+
+@pytest.mark.slow
+def test_pasting_back_only_the_1_1_solution_grades_1_1_full_and_the_rest_zero(release, tmp_path):
+    submission = _submission(release, tmp_path)
+    _paste(submission, "1.1")
+    tasks = _by_id(grade(submission, jobs=2))
+    assert tasks["1.1"].passed == tasks["1.1"].total and tasks["1.1"].points == 15
+    for task_id in sorted(set(tasks) - {"1.1"}):
+        assert tasks[task_id].passed == 0 and tasks[task_id].points == 0, task_id
+
+
+WRONG_ATTENTION = {
+    "no 1/sqrt(d) scaling": """
+        weights = F.softmax(get_masked_attention(Q @ K.transpose(-2, -1), mask, attention_mask), dim=-1)
+        out = attention_dropout(weights) @ V
+        return (out, weights) if return_weights else out
+    """,
+    "mask after the softmax": """
+        weights = F.softmax(Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1]), dim=-1) * mask
+        out = attention_dropout(weights) @ V
+        return (out, weights) if return_weights else out
+    """,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", list(WRONG_ATTENTION))
+def test_a_wrong_attention_fails_1_1_naming_the_reference_check(release, tmp_path, mistake):
+    submission = _submission(release, tmp_path)
+    _paste(submission, "1.1", {"multi_head_self_attention": WRONG_ATTENTION[mistake]})
+    (task,) = grade(submission, [task_by_id("1.1")]).tasks
+    assert task.status == "graded" and 0 < task.passed < task.total
+    assert "test_reference_check" in task.first_failure.id
+    message = task.first_failure.message
+    assert "reference check failed" in message and "summed absolute error" in message, message
+
+
+@pytest.mark.slow
+def test_a_hang_a_crash_and_a_syntax_error_get_zero_and_grading_goes_on(release, tmp_path):
+    submission = _submission(release, tmp_path)
+    _paste(submission, "2.1", {"kl_divergence": "import time\ntime.sleep(3600)\n"})  # waits forever, as a deadlock
+    _paste(submission, "2.2", {"d_hinge_loss": "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"})
+    _paste(submission, "1.3", {"dpo_loss": "return losses chosen_rewards\n"})
+    hang_fast = dataclasses.replace(task_by_id("2.1"), timeout=5)  # the table's limit is 120 s
+    result = grade(submission, [hang_fast, task_by_id("2.2"), task_by_id("1.3")])  # in turn, after the timeout
+    hang, crash, broken = result.tasks
+    assert hang.status == "timeout" and hang.points == 0 and "timed out after 5 s" in hang.note
+    assert crash.status == "crashed" and crash.points == 0 and "SIGSEGV" in crash.note
+    assert "gm/loss.py" in crash.note and "d_hinge_loss" in crash.note
+    assert broken.status == "graded" and broken.passed == 0 and broken.total > 0
+    message = broken.first_failure.message
+    assert message.startswith("collection failure: SyntaxError") and "fm/dpo.py" in message, message
+    assert hang.total > 0 and crash.total > 0 and result.seconds < 60
+    assert "timed out" in result.to_markdown() and "crashed" in result.to_markdown()
+
+
+@pytest.mark.slow
+def test_the_submissions_own_tests_are_never_used(release, tmp_path):
+    submission = _submission(release, tmp_path)
+    drop_every_test = "def pytest_collection_modifyitems(items):\n    items.clear()\n"
+    for folder in ("grading", "tests"):
+        (submission / folder / "conftest.py").write_text(drop_every_test)
+    (submission / "grading" / "test_task_1_1.py").write_text("def test_reference_check():\n    pass\n")
+    (task,) = grade(submission, [task_by_id("1.1")]).tasks
+    assert task.passed == 0 and task.total >= 8
+
+
+@pytest.mark.slow
+def test_make_grade_in_a_student_tree_previews_with_the_public_tests(release, tmp_path):
+    """The release's own grader (what a student's `make grade` runs): public tests only, reports written."""
+    command = [sys.executable, "-m", "course.grade", str(release), "--tasks", "2.2", "--out", str(tmp_path)]
+    proc = subprocess.run(command, cwd=release, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(release)})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "grade.json").read_text())
+    assert report["hidden_tests"] is False and report["points"] == 0
+    (task,) = report["tasks"]
+    assert task["total"] > 0 and not any("/hidden/" in t["id"] for t in task["tests"])
+    assert "a preview of the grade" in (tmp_path / "grade.md").read_text() and "| 2.2 " in proc.stdout
+
+
+def test_grading_a_folder_that_is_not_a_hw3_tree_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a hw3 tree"):
+        grade(tmp_path)

@@ -1,0 +1,134 @@
+"""The training loop's cost stays flat over long runs: CSV appends, log intervals, tensor metrics, exact resume."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import common.trainer
+from common.logging import MetricLogger, read_csv
+from common.trainer import Trainer
+
+
+def _logging_seconds(path, rows: int) -> float:
+    logger = MetricLogger(path)
+    start = time.perf_counter()
+    for step in range(1, rows + 1):
+        logger.log(step, loss=1.0 / step, lr=1e-3, grad_norm=0.5, step_time=0.01)
+    return time.perf_counter() - start
+
+
+def test_metric_logger_cost_is_linear_in_rows(tmp_path):
+    small = min(_logging_seconds(tmp_path / f"small{i}.csv", 5_000) for i in range(3))
+    large = min(_logging_seconds(tmp_path / f"large{i}.csv", 50_000) for i in range(2))
+    assert large <= 12 * small, f"50,000 rows took {large:.2f} s, 5,000 rows {small:.3f} s: not linear"
+    assert len(read_csv(tmp_path / "large0.csv")) == 50_000
+
+
+def test_metric_logger_rewrites_when_a_column_appears(tmp_path):
+    logger = MetricLogger(tmp_path / "m.csv")
+    logger.log(1, loss=torch.tensor(0.5))
+    logger.log(2, loss=0.25, g_loss=torch.tensor(2.0))  # a new column mid-run (the GAN term switching on)
+    logger.log(3, loss=0.125)
+    assert logger.rows == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25, "g_loss": 2.0},
+                           {"step": 3, "loss": 0.125}]
+    assert read_csv(tmp_path / "m.csv") == logger.rows
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "step,loss,g_loss"
+    logger.restore(logger.rows[:1])
+    assert read_csv(tmp_path / "m.csv") == [{"step": 1, "loss": 0.5}]
+
+
+def test_stale_csv_of_an_earlier_run_is_replaced(tmp_path):
+    MetricLogger(tmp_path / "m.csv").log(1, old=1.0)
+    logger = MetricLogger(tmp_path / "m.csv")
+    logger.log(1, loss=2.0)
+    assert read_csv(tmp_path / "m.csv") == [{"step": 1, "loss": 2.0}]
+
+
+class _Run:
+    """A tiny regression with dropout (the RNG state matters on resume) whose step function returns 0-d tensors
+    and brings a new metric from step 4 on."""
+
+    def __init__(self, run_dir, steps: int = 9, log_interval: int = 2):
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+        opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.trainer = Trainer(run_dir, {"model": self.model}, {"model": opt}, steps=steps, ckpt_interval=3,
+                               log_interval=log_interval, progress=False)
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(32, 4, generator=gen)
+        self.y = self.x.sum(1, keepdim=True)
+
+    def step_fn(self, step: int) -> dict:
+        loss = nn.functional.mse_loss(self.model(self.x[step % 4 :: 4]), self.y[step % 4 :: 4])
+        loss.backward()
+        metrics = {"loss": loss.detach(), "grad_norm": self.trainer.optimizer_step("model")}
+        if step >= 4:
+            metrics["late"] = loss.detach() * 2
+        return metrics
+
+    def eval_fn(self, step: int) -> dict:
+        return {"val_loss": nn.functional.mse_loss(self.model(self.x), self.y)}
+
+
+def _without_time(rows):
+    return [{k: v for k, v in r.items() if k != "step_time"} for r in rows]
+
+
+def test_log_interval_logs_floats_every_k_steps_and_the_last(tmp_path, monkeypatch):
+    conversions = []
+    as_floats = common.trainer.as_floats
+    monkeypatch.setattr(common.trainer, "as_floats", lambda m: conversions.append(set(m)) or as_floats(m))
+    run = _Run(tmp_path, steps=9, log_interval=4)
+    run.trainer.fit(run.step_fn, run.eval_fn)
+    rows = run.trainer.train_log.rows
+    assert [r["step"] for r in rows] == [4, 8, 9]
+    assert all(type(v) is float for r in rows for k, v in r.items() if k != "step")
+    assert all(r["step_time"] > 0 and r["lr"] == 1e-2 for r in rows)
+    assert "late" not in rows[0] and "late" in rows[1]
+    # one conversion (the host sync) per logged row and per evaluation, none in between
+    assert len(conversions) == len(rows) + len(run.trainer.eval_log.rows) == 3 + 2
+    assert read_csv(tmp_path / "train.csv") == rows
+
+
+def test_resume_is_exact_and_the_csv_matches_the_rows(tmp_path, interrupt_at):
+    straight = _Run(tmp_path / "a")
+    straight.trainer.fit(straight.step_fn, straight.eval_fn)
+
+    killed = _Run(tmp_path / "b")
+    interrupt_at(killed, 5)  # checkpoint at step 3; rows of steps 2 and 4 are in the CSV
+    assert [r["step"] for r in read_csv(tmp_path / "b" / "train.csv")] == [2, 4]
+    resumed = _Run(tmp_path / "b")
+    resumed.trainer.fit(resumed.step_fn, resumed.eval_fn, resume=True)
+
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    rows = resumed.trainer.train_log.rows
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 9]
+    assert _without_time(rows) == _without_time(straight.trainer.train_log.rows)
+    assert resumed.trainer.eval_log.rows == straight.trainer.eval_log.rows
+    assert read_csv(tmp_path / "b" / "train.csv") == rows
+    assert read_csv(tmp_path / "b" / "eval.csv") == resumed.trainer.eval_log.rows
+
+
+def test_optimizer_step_returns_the_norm_as_a_tensor(tmp_path):
+    for clip in (1e-3, None):
+        model = nn.Linear(3, 1)
+        trainer = Trainer(tmp_path, {"m": model}, {"m": torch.optim.SGD(model.parameters(), lr=0.1)}, steps=1,
+                          grad_clip=clip, progress=False)
+        model(torch.ones(2, 3)).sum().backward()
+        expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        norm = trainer.optimizer_step("m")
+        assert isinstance(norm, torch.Tensor) and norm.ndim == 0
+        torch.testing.assert_close(norm, expected)
+
+
+def test_bad_metrics_and_intervals_raise(tmp_path):
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="log_interval must be positive"):
+        Trainer(tmp_path, {"m": model}, {"m": opt}, steps=2, log_interval=0)
+    trainer = Trainer(tmp_path, {"m": model}, {"m": opt}, steps=2, progress=False)
+    with pytest.raises(ValueError, match="metric 'loss' must be a number or a one-element tensor"):
+        trainer.fit(lambda step: {"loss": torch.zeros(3)})
