@@ -132,7 +132,8 @@ class VAE(nn.Module):
 
 class Discriminator(nn.Module):
     """PatchGAN: a stack of stride-2 4x4 convs, then two stride-1 4x4 convs, giving one real/fake logit per
-    overlapping patch. 32x32 input with `num_layers=2` -> (B, 1, 6, 6) logits, each seeing a 22x22 patch.
+    overlapping patch. 32x32 input with `num_layers=2` -> (B, 1, 6, 6) logits, each seeing a 34x34 patch
+    (`receptive_field`; with padding 1 the patches of the border logits reach past the image).
     GroupNorm instead of the original BatchNorm, so D behaves the same for any batch size and in eval mode."""
 
     def __init__(self, in_channels: int, num_channels: int = 64, num_layers: int = 2):
@@ -149,6 +150,13 @@ class Discriminator(nn.Module):
             width = out
         layers.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
+
+    def receptive_field(self) -> int:
+        """Side of the input patch one logit sees, from the convs: r <- (r - 1) * stride + kernel, output first."""
+        r = 1
+        for conv in reversed([m for m in self.net if isinstance(m, nn.Conv2d)]):
+            r = (r - 1) * conv.stride[0] + conv.kernel_size[0]
+        return r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) in [0, 1] -> per-patch logits (B, 1, h, w)."""

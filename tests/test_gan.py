@@ -55,3 +55,18 @@ def test_gan_term_and_discriminator_start_at_gan_loss_start():
 def test_no_discriminator_without_gan_weight():
     run = train_vae(vae_config("mnist", "smoke", gan_weight=0.0, steps=2, progress=False))
     assert run.disc is None and all("d_loss" not in row for row in run.train_rows)
+
+
+@pytest.mark.parametrize("num_layers, expected", [(1, 16), (2, 34), (3, 70)])
+def test_receptive_field_is_what_one_logit_sees(num_layers, expected):
+    """4x4 kernels with strides 2, ..., 2, 1, 1: 34x34 for the default num_layers=2 (pix2pix's 70x70 for 3)."""
+    disc = Discriminator(1, num_channels=4, num_layers=num_layers).double()
+    assert disc.receptive_field() == expected
+    # GroupNorm mixes all positions, so measure the convolutions' field without it: the input pixels that a central
+    # logit's gradient reaches span exactly receptive_field() in each direction.
+    disc.net = torch.nn.Sequential(*[torch.nn.Identity() if isinstance(m, torch.nn.GroupNorm) else m for m in disc.net])
+    x = torch.rand(1, 1, 160, 160, dtype=torch.float64, requires_grad=True)
+    logits = disc(x)
+    logits[0, 0, logits.shape[-2] // 2, logits.shape[-1] // 2].backward()
+    rows, cols = x.grad[0, 0].abs().sum(1).nonzero(), x.grad[0, 0].abs().sum(0).nonzero()
+    assert rows.max() - rows.min() + 1 == expected and cols.max() - cols.min() + 1 == expected
