@@ -3,7 +3,8 @@
 Each notebook runs in a fresh kernel with HW3_PROFILE set. While it runs, the runner prints which cell is running
 and the notebook's own printed output (prints, warnings, the trainer's evaluation lines) as it arrives. A failing
 cell stops the run with the notebook's name, the cell's index and its source; the wall time of every notebook is
-printed (and written to `fig/notebook_times_<profile>.md` for the report when all notebooks of the profile ran).
+printed and recorded in `fig/notebook_times_<profile>.md` (quick and full): a notebook's row is replaced by its latest
+run, the other rows are kept, and the total is their sum.
 
 `--from NAME` restarts the sequence at notebook NAME (e.g. after an interrupted `make figures PROFILE=full`);
 training runs that finished before load their checkpoints instead of training again.
@@ -12,6 +13,7 @@ training runs that finished before load their checkpoints instead of training ag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -120,6 +122,26 @@ def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = Fal
     return time.perf_counter() - start
 
 
+def read_times(path: Path) -> dict[str, float]:
+    """The {notebook name: seconds} rows of a times table written by `record_times` (empty if there is none)."""
+    if not path.is_file():
+        return {}
+    rows = (line.strip("|").split("|") for line in path.read_text().splitlines() if line.startswith("| "))
+    return {n.strip(): float(t) for n, t in rows if n.strip().endswith(".ipynb")}
+
+
+def record_times(path: Path, times: list[tuple[str, float]]) -> None:
+    """Merge `times` [(notebook name, seconds)] into the table at `path` (.md), in notebook order, with their total;
+    the same numbers go to the .json beside it."""
+    merged = read_times(path) | dict(times)
+    names = [p.name for p in list_notebooks() if p.name in merged]
+    lines = ["| notebook | wall time (s) |", "|---|---|"] + [f"| {n} | {merged[n]:.0f} |" for n in names]
+    lines.append(f"| total | {sum(merged[n] for n in names):.0f} |")
+    path.write_text("\n".join(lines) + "\n")
+    seconds = {n: round(merged[n], 1) for n in names} | {"total": round(sum(merged[n] for n in names), 1)}
+    path.with_suffix(".json").write_text(json.dumps(seconds, indent=2) + "\n")  # the report quotes these
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="notebooks to run (default: all, in order)")
@@ -149,10 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {path.name}: {seconds:.1f} s", flush=True)
     total = sum(s for _, s in times)
     print(f"== {len(times)} notebooks: {total:.1f} s")
-    if paths == list_notebooks() and not args.names and args.profile != "smoke":
-        lines = ["| notebook | wall time (s) |", "|---|---|"] + [f"| {n} | {s:.0f} |" for n, s in times]
-        lines.append(f"| total | {total:.0f} |")
-        (fig_dir() / f"notebook_times_{args.profile}.md").write_text("\n".join(lines) + "\n")
+    if args.profile != "smoke":
+        record_times(fig_dir() / f"notebook_times_{args.profile}.md", times)
     return 0
 
 

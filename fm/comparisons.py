@@ -2,37 +2,40 @@
 budget (`notebooks/1_4_lm_enhancement.ipynb`).
 
 - `compare_finetuning`: LoRA vs full fine-tuning (trainable parameters, peak memory, speed, validation loss);
-- `compare_decoding`: greedy vs temperature/top-k vs nucleus sampling (distinct-n, length, implicit reward);
-- `compare_preference_losses`: DPO vs conservative DPO vs IPO (held-out reward accuracy, margins, log-prob shifts).
+- `compare_preference_losses`: DPO at another beta, IPO (and conservative DPO), each trained like 1.3's DPO and
+  evaluated like it, on held-out prompts by the oracle reward: reward, KL from the SFT model (the reward-KL
+  frontier), win rate against SFT, fluency;
+- `compare_decoding`: greedy vs temperature/top-k vs nucleus sampling (oracle reward, distinct-n, length,
+  reference log-prob per token).
 
-Everything else comes from its own module: models and training from `fm.sft` / `fm.dpo`, the KV-cache benchmark
-from `fm.generate`, distinct-n from `fm.metrics`, memory probing from `common.memory`, bar plots from
-`common.plotting`.
+Everything else comes from its own module: models and training from `fm.sft` / `fm.dpo`, the policy evaluation from
+`fm.dpo_analysis`, sampling and the KV-cache benchmark from `fm.generate`, distinct-n and confidence intervals from
+`fm.metrics`, memory probing from `common.memory`, bar plots from `common.plotting`.
 """
 
 from __future__ import annotations
 
 import gc
-import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from common import make_config
 from common.config import check
 from common.memory import peak_memory
 from common.params import count_parameters
-from fm.data import encode
 from fm.dpo import PREFERENCE_LOSSES, dpo_config, train_dpo
-from fm.dpo_analysis import implicit_reward, rewards_by_kind
-from fm.generate import generate
-from fm.metrics import distinct_n
-from fm.preference import load_preference_pairs
+from fm.dpo_analysis import PolicyEval, completion_logps, evaluate_policy
+from fm.generate import sample_completions
+from fm.metrics import distinct_n, mean_ci, win_rate
+from fm.preference import chitchat_prompts
+from fm.reward import sentiment_reward
 from fm.sft import HOMEWORK_PROMPT, build_sft, sft_config
 from fm.tokenizer import padding_id
+
+LOSS_NAMES = {"dpo": "DPO", "cdpo": "cDPO", "ipo": "IPO"}
 
 
 @dataclass
@@ -47,42 +50,41 @@ class LMEnhanceConfig:
     lora_lr: float = 5e-4  # adapters start at zero and take larger steps (the 1.2 quick preset's LoRA settings)
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    # 2. decoding: KV cache timing (fm.generate.kv_cache_benchmark) and sampling strategies on the DPO model,
-    # scored against the SFT reference
+    # 2. preference losses: `train_dpo` of `profile` (its pairs, steps, lr, batches) with (loss, beta) swapped, one
+    # run each, evaluated on the DPO config's held-out test prompts as 1.3's DPO is
+    variants: tuple[tuple[str, float], ...] = (("dpo", 5.0), ("ipo", 0.1))
+    label_smoothing: float = 0.1  # cDPO's assumed fraction of flipped labels
+    pref_val_pairs: int = 64  # validation pairs per run: the first ones of 1.3's (already sampled)
+    # 3. decoding: KV cache timing (fm.generate.kv_cache_benchmark) and sampling strategies on DPO and SFT
     cache_new_tokens: tuple[int, ...] = (16, 32, 64)
-    decode_prompts: int = 8  # held-out preference prompts (the homework prompt first)
+    decode_prompts: int = 8  # held-out prompts (the homework prompt first)
     max_new_tokens: int = 32
     decode_batch_size: int = 8
-    # 3. preference losses: `train_dpo` of `profile` with a smaller step budget, once per variant
-    variants: tuple[str, ...] = ("dpo", "ipo")
-    pref_steps: int = 6
-    pref_batch_size: int = 2  # pairs per step (2 x that many sequences)
-    pref_train_pairs: int = 12
-    pref_val_pairs: int = 16
-    pref_lr: float = 5e-5
-    label_smoothing: float = 0.1  # cDPO's assumed fraction of flipped labels
     seed: int = 0
 
     def __post_init__(self):
         for name in ("ft_steps", "ft_eval_examples", "lora_rank", "decode_prompts", "max_new_tokens",
-                     "decode_batch_size", "pref_steps", "pref_batch_size", "pref_train_pairs", "pref_val_pairs"):
+                     "decode_batch_size", "pref_val_pairs"):
             check(getattr(self, name) > 0, f"LMEnhanceConfig.{name} must be positive, got {getattr(self, name)}")
-        check(min(self.full_lr, self.lora_lr, self.pref_lr, self.lora_alpha) > 0, "lrs and lora_alpha must be > 0")
+        check(min(self.full_lr, self.lora_lr, self.lora_alpha) > 0, "lrs and lora_alpha must be > 0")
         check(all(n > 0 for n in self.cache_new_tokens), f"cache_new_tokens must be positive: {self.cache_new_tokens}")
-        unknown = set(self.variants) - set(PREFERENCE_LOSSES)
+        unknown = {loss for loss, _ in self.variants} - set(PREFERENCE_LOSSES)
         check(not unknown, f"unknown preference variants {sorted(unknown)}; choose from {sorted(PREFERENCE_LOSSES)}")
+        check(len(self.variants) > 0 and all(beta > 0 for _, beta in self.variants),
+              f"variants must be a non-empty list of (loss, beta > 0): {self.variants}")
         check(0 < self.label_smoothing < 0.5, f"label_smoothing must be in (0, 0.5), got {self.label_smoothing}")
+        check(self.decode_prompts >= 2, "decode_prompts must be >= 2 (a confidence interval needs 2)")
 
 
 PRESETS = {
     "smoke": dict(profile="smoke", ft_steps=2, ft_eval_examples=4, full_lr=1e-3, lora_lr=1e-2, lora_rank=4,
-                  lora_alpha=8.0, cache_new_tokens=(4, 8), decode_prompts=2, max_new_tokens=6, decode_batch_size=2,
-                  variants=("dpo", "cdpo", "ipo"), pref_steps=1, pref_train_pairs=2, pref_val_pairs=4, pref_lr=1e-4),
+                  lora_alpha=8.0, variants=(("dpo", 0.5), ("cdpo", 0.1), ("ipo", 0.1)), pref_val_pairs=4,
+                  cache_new_tokens=(4, 8), decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
     "quick": dict(profile="quick"),
     "full": dict(profile="full", ft_steps=200, ft_eval_examples=256,
-                 cache_new_tokens=(64, 128, 256, 512), decode_prompts=256, max_new_tokens=128, decode_batch_size=32,
-                 variants=("dpo", "cdpo", "ipo"), pref_steps=300, pref_batch_size=8, pref_train_pairs=4096,
-                 pref_val_pairs=512, pref_lr=1e-6),
+                 variants=(("dpo", 0.05), ("dpo", 0.5), ("dpo", 5.0), ("cdpo", 0.1), ("ipo", 0.1), ("ipo", 0.5)),
+                 pref_val_pairs=512,
+                 cache_new_tokens=(64, 128, 256, 512), decode_prompts=256, max_new_tokens=128, decode_batch_size=32),
 }
 
 
@@ -105,6 +107,7 @@ class Comparison:
     curves: dict[str, tuple[list, list]] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)  # example generations, for the decoding comparison
     models: dict[str, nn.Module] = field(default_factory=dict)  # trained models worth reusing, by row name
+    evals: dict[str, PolicyEval] = field(default_factory=dict)  # held-out evaluations, by row name
 
 
 def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
@@ -137,104 +140,73 @@ def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
     return Comparison(rows, curves)
 
 
-# ---------------------------------------------------------------------------------------------- 2. decoding
+# ---------------------------------------------------------------------------------------------- 2. preference losses
+def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Sequence[str],
+                              reference: nn.Module | None = None, tokenizer=None) -> Comparison:
+    """`train_dpo` of `cfg.profile` once per (loss, beta) of `cfg.variants` (same SFT start, pairs, batches, steps
+    and lr as 1.3's run), each policy evaluated by `fm.dpo_analysis.evaluate_policy` on `prompts` with the seed of
+    `sft` (the SFT model's evaluation on them): oracle reward with its CI, KL from the SFT model, fluency, and the
+    win rate against SFT. The losses use the summed log-ratios of the papers (`DPOConfig.length_normalize` off).
+    `reference`/`tokenizer`: the SFT model of the profile if already loaded (else `train_dpo` loads it).
+
+    Rows also hold the final validation reward accuracy and the mean step time; `evals` keeps each evaluation (the
+    frontier points), `models` each trained policy, by row name.
+    """
+    rows, models, evals = [], {}, {}
+    for loss, beta in cfg.variants:
+        base = dpo_config(cfg.profile)
+        dcfg = dpo_config(cfg.profile, run_name=f"enhance_{loss}_{cfg.profile}", loss=loss, beta=beta,
+                          label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0,
+                          val_pairs=min(cfg.pref_val_pairs, base.val_pairs), eval_interval=0, seed=cfg.seed)
+        result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
+        name = f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}"
+        ev = evaluate_policy(name, result.policy, result.reference, result.tokenizer, prompts, base.reply_tokens,
+                             seed=cfg.seed, batch_size=base.sample_batch_size, cache=True)
+        rate, low, high = win_rate(ev.rewards, sft.rewards)
+        rows.append({"loss": LOSS_NAMES[loss], "beta": beta, **ev.summary(), "win rate vs SFT": rate,
+                     "win CI low": low, "win CI high": high,
+                     "val reward acc": result.trainer.eval_log.rows[-1]["val_rewards/accuracies"],
+                     "train pairs": len(result.train_data),
+                     "s / step": _mean_after_first(result.trainer.train_log.column("step_time")[1])})
+        models[name], evals[name] = result.policy, ev
+        del result
+        gc.collect()
+    return Comparison(rows, models=models, evals=evals)
+
+
+# ---------------------------------------------------------------------------------------------- 3. decoding
 STRATEGIES = {  # name -> keyword arguments of fm.generate.generate
     "greedy": dict(temperature=0.0),
     "T=0.9, top-k 200": dict(temperature=0.9, top_k=200),  # the homework's sampling settings
     "T=1.0, top-p 0.9": dict(temperature=1.0, top_p=0.9),
     "T=0.7, top-p 0.9": dict(temperature=0.7, top_p=0.9),
 }
-TURN_HEADER = re.compile(r"\n\s*(Human|Assistant):")  # the model writing the next turn ends its reply
 
 
-def _left_padded(tokenizer, prompts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts as a left-padded (B, T) id tensor and its attention mask, ready for `generate`."""
-    ids = [encode(tokenizer, p) for p in prompts]
-    width = max(len(x) for x in ids)
-    pad = padding_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return input_ids, mask
+def decoding_prompts(n: int, seed: int = 0) -> list[str]:
+    """The homework prompt and n - 1 held-out test prompts (`fm.preference.chitchat_prompts("test")`)."""
+    return [HOMEWORK_PROMPT, *chitchat_prompts("test", seed)[: n - 1]]
 
 
-@torch.no_grad()
-def sample_replies(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                   seed: int = 0, **decoding) -> list[str]:
-    """One reply per prompt, sampled in left-padded batches; a reply ends at EOS or where the model starts the next
-    "Human:"/"Assistant:" turn. `decoding`: temperature, top_k, top_p as in `fm.generate.generate`."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        input_ids, mask = _left_padded(tokenizer, prompts[start : start + batch_size], device)
-        out = generate(model, input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, attention_mask=mask,
-                       generator=generator, **decoding)
-        for row in out[:, input_ids.shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            replies.append(TURN_HEADER.split(tokenizer.decode(row), maxsplit=1)[0].strip())
-    return replies
-
-
-def decoding_prompts(profile: str, n: int, seed: int = 0) -> list[str]:
-    """The homework prompt and n - 1 held-out prompts of the preference validation split of `profile`."""
-    pairs = load_preference_pairs("validation", dpo_config(profile).data_source, n - 1 if n > 1 else None, seed)
-    return [HOMEWORK_PROMPT, *[p["prompt"] for p in pairs]][:n]
-
-
-def compare_decoding(models: dict[str, nn.Module], reference: nn.Module, scorer: nn.Module, tokenizer,
-                     prompts: Sequence[str], beta: float, max_new_tokens: int, batch_size: int = 16, seed: int = 0,
+def compare_decoding(models: dict[str, nn.Module], reference: nn.Module, tokenizer, prompts: Sequence[str],
+                     max_new_tokens: int, batch_size: int = 16, seed: int = 0,
                      strategies: dict[str, dict] = STRATEGIES) -> Comparison:
-    """Each model's replies to `prompts` under each decoding strategy, scored by word distinct-1/2, mean length and
-    the implicit reward beta * log(scorer(y|x) / reference(y|x)) (mean and standard error over prompts).
-
-    `scorer` is the DPO policy and `reference` its SFT model; `models` are the generators compared (e.g. both).
-    `samples` holds the replies to the first prompt.
-    """
+    """Each model's one-line replies to `prompts` under each decoding strategy (`fm.generate.sample_completions`),
+    scored by the oracle reward (mean and 95 % CI half-width over prompts), word distinct-1/2, mean length and the
+    `reference` (SFT) model's log-prob per reply token. `samples` holds the replies to the first prompt."""
     rows, samples = [], {}
+    pad = padding_id(tokenizer)
     for model_name, model in models.items():
         for name, decoding in strategies.items():
-            replies = sample_replies(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **decoding)
-            reward = implicit_reward(scorer, reference, tokenizer, prompts, replies, beta=beta)
-            words = [r.split() for r in replies]
+            out = sample_completions(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **decoding)
+            reward, low, _ = mean_ci(sentiment_reward(out.replies))
+            ref_logps = completion_logps(reference, out, pad, batch_size)
+            words = [r.split() for r in out.replies]
             rows.append({
-                "model": model_name, "decoding": name, "distinct-1": distinct_n(words, 1),
-                "distinct-2": distinct_n(words, 2), "mean words": statistics.fmean(len(w) for w in words),
-                "implicit reward": reward.mean().item(),
-                "reward s.e.": (reward.std() / len(reward) ** 0.5).item() if len(reward) > 1 else 0.0,
+                "model": model_name, "decoding": name, "oracle reward": reward, "reward CI +-": reward - low,
+                "distinct-1": distinct_n(words, 1), "distinct-2": distinct_n(words, 2),
+                "mean words": statistics.fmean(len(w) for w in words),
+                "ref log-prob / token": ref_logps.sum().item() / sum(len(c) for c in out.completion_ids),
             })
-            samples[f"{model_name}, {name}"] = replies[0]
+            samples[f"{model_name}, {name}"] = out.replies[0]
     return Comparison(rows, samples=samples)
-
-
-# ---------------------------------------------------------------------------------------------- 3. preference losses
-def compare_preference_losses(cfg: LMEnhanceConfig) -> Comparison:
-    """`train_dpo` of `cfg.profile` once per variant in `cfg.variants` (same SFT start, pairs, batches, steps, lr).
-
-    Rows: held-out reward accuracy (all pairs and per kind of rejected reply), mean held-out reward margin, how far
-    the policy moved the held-out chosen and rejected replies' log-probabilities from the reference, mean step time.
-    The trained policies are kept in `models` (the DPO one can score generations when 1.3's run is missing).
-    """
-    rows, models = [], {}
-    for variant in cfg.variants:
-        dcfg = dpo_config(cfg.profile, run_name=f"enhance_{variant}_{cfg.profile}", steps=cfg.pref_steps,
-                          batch_size=cfg.pref_batch_size, train_pairs=cfg.pref_train_pairs,
-                          val_pairs=cfg.pref_val_pairs, lr=cfg.pref_lr,
-                          warmup_steps=min(2, cfg.pref_steps - 1), eval_interval=0, loss=variant,
-                          label_smoothing=cfg.label_smoothing if variant == "cdpo" else 0.0, seed=cfg.seed)
-        result = train_dpo(dcfg)
-        final = result.trainer.eval_log.rows[-1]
-        by_kind = rewards_by_kind(result.policy, result.val_data, dcfg.beta, dcfg.eval_batch_size)
-        name = {"dpo": "DPO", "cdpo": f"cDPO (eps={cfg.label_smoothing})", "ipo": "IPO"}[variant]
-        rows.append({
-            "loss": name, "val reward acc": final["val_rewards/accuracies"],
-            **{f"acc {r['kind']}": r["reward_acc"] for r in by_kind if r["kind"] != "all"},
-            "val margin": final["val_rewards/margins"],
-            "chosen log-prob shift": final["val_logps/chosen"] - result.val_data.reference_chosen.mean().item(),
-            "rejected log-prob shift": final["val_logps/rejected"] - result.val_data.reference_rejected.mean().item(),
-            "s / step": _mean_after_first(result.trainer.train_log.column("step_time")[1]),
-        })
-        models[name] = result.policy
-        del result
-        gc.collect()
-    return Comparison(rows, models=models)

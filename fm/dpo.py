@@ -7,9 +7,9 @@ loop are needed. Pieces, each with one job:
 - `sequence_logps`: summed log-probability of the response tokens of each sequence.
 - `dpo_loss`, `ipo_loss`: a loss per pair and the implicit rewards from the four log-probs of a batch of pairs;
   `PREFERENCE_LOSSES` names the variants a run can use (DPO, conservative DPO, IPO).
-- `concatenated_logps`: chosen and rejected through the policy in ONE forward pass.
-- `build_preference_data`: tokenized pairs with the frozen SFT model's log-probs, computed once and cached (on a CPU
-  a reference forward pass in every step would cost a third of the step).
+- `concatenated_logps`: chosen and rejected through the policy in the same forward calls (rows grouped by length).
+- `build_preference_data`: tokenized pairs with the frozen SFT model's log-probs, computed once (on a CPU a reference
+  forward pass in every step would cost a third of the step) and cached on disk (`reference_data`).
 - `train_dpo`: the training run, on the package's one training loop, saving the policy (`load_dpo_models` reads it).
 
 The analysis of a trained policy (the 1.3.1 identity, the gradient check, rewards by kind, the implicit reward of any
@@ -19,23 +19,46 @@ response) is in `fm.dpo_analysis`.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import get_device, make_config, seed_everything
-from common.config import check
+from common import cache_dir, get_device, make_config, seed_everything
+from common.config import check, config_digest
+from common.io import atomic_save
 from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
-from fm.preference import Pair, collate_pairs, is_scored, load_preference_pairs, tokenize_pair
+from fm.lora import apply_lora, merge_lora
+from fm.preference import (
+    SOURCES,
+    Pair,
+    collate_pairs,
+    is_scored,
+    load_preference_pairs,
+    resolve_pair_source,
+    sentiment_pairs,
+    tokenize_pair,
+    weights_digest,
+)
 from fm.pretrained import load_lm
 from fm.sft import load_or_train_sft, sft_config
 from fm.tokenizer import padding_id
-from fm.training import LMTrainConfig, check_block_size, is_saved, make_trainer, run_folder, save_trained
+from fm.training import (
+    BOOKKEEPING,
+    LMTrainConfig,
+    check_block_size,
+    is_saved,
+    make_trainer,
+    run_folder,
+    save_trained,
+)
 
 Tensor = torch.Tensor
 PreferenceLoss = Callable[..., tuple[Tensor, Tensor, Tensor]]  # the signature of `dpo_loss`
@@ -116,17 +139,30 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     return (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
 
 
-def concatenated_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs from one forward pass on the concatenated batch.
+LENGTH_GROUPS = 2  # forward calls per concatenated batch, rows grouped by length (see `concatenated_logps`)
 
-    `batch` holds input_ids, attention_mask and loss_mask of shape (2B, T): rows 0..B-1 are the chosen responses,
-    rows B..2B-1 the rejected ones (see `collate_pairs`). Returns (chosen_logps, rejected_logps), each (B,).
+
+def concatenated_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs of the concatenated batch, both sides in the same forward calls.
+
+    `batch` holds input_ids, attention_mask and loss_mask of shape (2B, T), right-padded: rows 0..B-1 are the chosen
+    responses, rows B..2B-1 the rejected ones (see `collate_pairs`). The rows are sorted by length and run in
+    LENGTH_GROUPS forward calls, each cut to its own longest row: a CPU pays for every padded token, and with random
+    pairs about a third of one (2B, T) block is padding (two groups cut the work by ~20 %). Reading the lengths is
+    one host sync per batch. Returns (chosen_logps, rejected_logps), each (B,).
     """
     n = batch["input_ids"].shape[0]
     if n % 2:
         raise ValueError(f"a concatenated batch has chosen then rejected rows, so an even row count; got {n}")
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    lengths = batch["attention_mask"].sum(-1)
+    order = torch.argsort(lengths, stable=True)
+    parts = []
+    for rows in order.chunk(min(LENGTH_GROUPS, n)):
+        width = int(lengths[rows].max())
+        ids, mask = batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width]
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        parts.append(sequence_logps(logits, ids, batch["loss_mask"][rows, :width]))
+    logps = torch.cat(parts)[torch.argsort(order)]
     return logps[: n // 2], logps[n // 2 :]
 
 
@@ -169,35 +205,61 @@ class PreferenceData:
 
 def build_preference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module, block_size: int, batch_size: int,
                           desc: str = "reference log-probs") -> PreferenceData:
-    """Tokenize `pairs` and cache the reference's log-probs of them (chunks of `batch_size`, in order)."""
-    examples, kinds = [], []
+    """Tokenize `pairs` and cache the reference's log-probs of them (chunks of `batch_size`, in order).
+
+    The pairs are kept in order of their longer side's length (a stable sort), so consecutive chunks, those of the
+    reference pass and of the validation batches, hold sequences of similar length and little padding.
+    """
+    tokenized = []
     for pair in pairs:
         chosen, rejected = tokenize_pair(tokenizer, pair, block_size)
         if is_scored(chosen) and is_scored(rejected):
-            examples.append((chosen, rejected))
-            kinds.append(pair.get("kind", ""))
-    if not examples:
+            tokenized.append(((chosen, rejected), str(pair.get("kind", ""))))
+    if not tokenized:
         raise ValueError(f"no preference pair keeps a response token within block_size={block_size}")
+    tokenized.sort(key=lambda t: max(len(t[0][0]["input_ids"]), len(t[0][1]["input_ids"])))
+    examples, kinds = [t[0] for t in tokenized], [t[1] for t in tokenized]
     chosen, rejected = pair_logps(reference.eval(), examples, padding_id(tokenizer), batch_size, desc=desc)
     return PreferenceData(examples, kinds, chosen, rejected, padding_id(tokenizer))
 
 
+def reference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module, block_size: int, batch_size: int,
+                   desc: str = "reference log-probs") -> PreferenceData:
+    """`build_preference_data`, cached in cache_dir()/reference_logps/ under a hash of the pairs, the block and batch
+    sizes and the reference's weights: the runs of one SFT model on the same pairs (1.3's, 1.4's) pay it once. The
+    batch size is part of the key because validation batches must be the reference pass's chunks (exact ties at
+    step 0)."""
+    key = hashlib.sha1(json.dumps([list(pairs), block_size, batch_size, weights_digest(reference)], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / "reference_logps" / f"{key}.pt"
+    if path.exists():
+        return PreferenceData(**torch.load(path, weights_only=True))
+    data = build_preference_data(pairs, tokenizer, reference, block_size, batch_size, desc)
+    atomic_save(vars(data), path)
+    return data
+
+
 # ---------------------------------------------------------------------------------------------- loss for the loop
-def make_preference_loss_fn(beta: float, label_smoothing: float = 0.0, loss: PreferenceLoss = dpo_loss):
+def make_preference_loss_fn(beta: float, label_smoothing: float = 0.0, loss: PreferenceLoss = dpo_loss,
+                            length_normalize: bool = False):
     """`loss_fn(policy, batch) -> (loss, metrics)` for `common.trainer.make_step_fn` / `make_eval_fn`.
 
     The batch is a `PreferenceData.batch`: policy log-probs come from one concatenated forward pass, the reference
-    log-probs from the cache. The loss is the mean over the pairs. Metrics, named as TRL's DPOTrainer names them
-    (detached 0-d tensors): loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
-    logps/chosen, logps/rejected (the policy's mean log-probs of both sides).
+    log-probs from the cache. With `length_normalize`, every log-prob (policy and reference, so each log-ratio) is
+    divided by its completion's token count before the loss, as TRL's DPOTrainer does for IPO; otherwise the sums
+    of the papers. The loss is the mean over the pairs. Metrics, named as TRL's DPOTrainer names them (detached 0-d
+    tensors): loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
+    logps/rejected (the policy's mean summed log-probs of both sides).
     """
 
     def loss_fn(policy: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = concatenated_logps(policy, batch)
-        losses, chosen_rewards, rejected_rewards = loss(
-            chosen, rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"],
-            beta=beta, label_smoothing=label_smoothing,
-        )
+        logps = (chosen, rejected, batch["reference_chosen_logps"], batch["reference_rejected_logps"])
+        if length_normalize:
+            tokens = batch["loss_mask"][:, 1:].sum(-1).clamp_min(1).to(chosen.dtype)  # scored tokens, (2B,)
+            n_chosen, n_rejected = tokens.split(chosen.shape[0])
+            logps = (logps[0] / n_chosen, logps[1] / n_rejected, logps[2] / n_chosen, logps[3] / n_rejected)
+        losses, chosen_rewards, rejected_rewards = loss(*logps, beta=beta, label_smoothing=label_smoothing)
         loss_value = losses.mean()
         return loss_value, {
             "loss": loss_value.detach(),
@@ -221,43 +283,68 @@ def pairs_in(batch: Batch) -> int:
 @dataclass
 class DPOConfig(LMTrainConfig):
     """DPO run: the shared fields of `fm.training.LMTrainConfig` (block_size counts prompt + response tokens,
-    batch_size pairs per micro-batch, i.e. 2 x batch_size sequences in one forward pass) plus the SFT start, the
+    batch_size pairs per micro-batch, i.e. 2 x batch_size sequences per policy pass) plus the SFT start, the
     loss and the pairs."""
 
     sft_profile: str = "quick"  # the policy and the reference start from fm.sft.load_or_train_sft(sft_profile)
     loss: str = "dpo"  # a key of PREFERENCE_LOSSES: dpo | cdpo (needs label_smoothing > 0) | ipo
     beta: float = 0.1  # strength of the KL tie to the reference (the implicit reward's scale)
     label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels
-    train_pairs: int = 0  # first n training pairs of a seeded shuffle (0 = all)
+    length_normalize: bool = False  # IPO only: log-ratios divided by the completion's tokens, as TRL's IPO does
+    train_pairs: int = 0  # fixed sources (hh, chitchat): first n training pairs of a seeded shuffle (0 = all)
     val_pairs: int = 48  # held-out pairs for the validation metrics
     eval_batch_size: int = 8  # pairs per validation / reference batch
+    # on-policy "sentiment" pairs (fm.preference.sentiment_pairs) and the policy evaluation
+    sampled_pairs: int = 256  # "sentiment": training pairs to sample (validation: val_pairs)
+    reply_tokens: int = 40  # max new tokens of a sampled reply
+    tie_margin: float = 0.1  # pairs whose oracle rewards differ by less are dropped
+    sample_batch_size: int = 64  # replies per generation batch: pairs answer half as many prompts twice each
+    eval_prompts: int = 200  # held-out test prompts of fm.dpo_analysis.evaluate_policy (not a training setting)
+    lora_rank: int = 0  # 0 = full fine-tuning of the policy; else LoRA adapters, merged before saving
+    lora_alpha: float = 16.0
+    data_sources: ClassVar[tuple[str, ...]] = SOURCES
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("val_pairs", "eval_batch_size"):
+        for name in ("val_pairs", "eval_batch_size", "sampled_pairs", "reply_tokens", "sample_batch_size",
+                     "eval_prompts"):
             check(getattr(self, name) > 0, f"DPOConfig.{name} must be positive, got {getattr(self, name)}")
         check(self.train_pairs >= 0, f"DPOConfig.train_pairs must be >= 0, got {self.train_pairs}")
+        check(self.tie_margin >= 0, f"DPOConfig.tie_margin must be >= 0, got {self.tie_margin}")
+        check(self.sample_batch_size >= 2, f"DPOConfig.sample_batch_size must be >= 2 (a pair per prompt), got "
+                                           f"{self.sample_batch_size}")
+        check(self.lora_rank >= 0 and self.lora_alpha > 0, "DPOConfig.lora_rank must be >= 0 and lora_alpha > 0")
+        check(not self.length_normalize or self.loss == "ipo", "length_normalize is an IPO option; set loss='ipo'")
         check(self.beta > 0, f"DPOConfig.beta must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check(self.loss in PREFERENCE_LOSSES, f"DPOConfig.loss must be one of {sorted(PREFERENCE_LOSSES)}, "
                                               f"got {self.loss!r}")
         check(self.loss != "cdpo" or self.label_smoothing > 0, "loss='cdpo' needs label_smoothing > 0")
         check(self.loss != "ipo" or self.label_smoothing == 0, "loss='ipo' has no label smoothing; set it to 0")
-        check(self.train_pairs == 0 or self.train_pairs >= self.examples_per_step,
-              f"train_pairs ({self.train_pairs}) must cover one batch of {self.examples_per_step}")
+        for name in ("train_pairs", "sampled_pairs"):
+            check(getattr(self, name) == 0 or getattr(self, name) >= self.examples_per_step,
+                  f"{name} ({getattr(self, name)}) must cover one batch of {self.examples_per_step}")
+
+    def digest(self) -> str:
+        """Hash of the training-relevant fields (all but BOOKKEEPING and the evaluation's prompt count)."""
+        return config_digest(self, exclude=BOOKKEEPING | {"eval_prompts"})
 
 
 PRESETS = {
-    # CI: the tiny SFT model of the smoke profile, a few steps on a handful of fixture pairs.
-    "smoke": dict(sft_profile="smoke", run_name="smoke", data_source="chitchat", train_pairs=16, val_pairs=8,
-                  block_size=64, batch_size=2, eval_batch_size=4, steps=4, lr=1e-4, warmup_steps=1, eval_interval=2),
-    # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning, one epoch of 48 pairs in 24 steps of 2.
-    "quick": dict(sft_profile="quick", run_name="quick", train_pairs=48, val_pairs=24, block_size=128,
-                  batch_size=2, eval_batch_size=8, steps=24, lr=2e-5, warmup_steps=2, eval_interval=8),
-    # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs, the DPO paper's beta, lr and batch 64.
-    "full": dict(sft_profile="full", run_name="full", val_pairs=512, block_size=512, batch_size=8, grad_accum=8,
-                 eval_batch_size=16, steps=2000, lr=1e-6, warmup_steps=150, min_lr_ratio=1.0, eval_interval=200,
-                 ckpt_interval=200, log_interval=10),
+    # CI: the tiny SFT model of the smoke profile, a few steps on a handful of sampled pairs.
+    "smoke": dict(sft_profile="smoke", run_name="smoke", data_source="sentiment", sampled_pairs=8, train_pairs=16,
+                  val_pairs=4, block_size=64, batch_size=2, eval_batch_size=4, steps=4, lr=1e-4, warmup_steps=1,
+                  eval_interval=2, reply_tokens=12, sample_batch_size=8, eval_prompts=8),
+    # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning; offline on 256 on-policy sentiment pairs
+    # (one epoch-ish at 8 pairs per step) with 200 validation pairs, then 200 held-out test prompts.
+    "quick": dict(sft_profile="quick", run_name="quick", sampled_pairs=256, train_pairs=256, val_pairs=200,
+                  block_size=128, batch_size=8, eval_batch_size=32, steps=24, lr=7e-5, warmup_steps=3,
+                  eval_interval=12, reply_tokens=40, tie_margin=0.1, sample_batch_size=256, eval_prompts=200),
+    # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs (offline: 4096 sentiment pairs), the DPO paper's
+    # beta, lr and batch 64.
+    "full": dict(sft_profile="full", run_name="full", sampled_pairs=4096, val_pairs=512, block_size=512, batch_size=8,
+                 grad_accum=8, eval_batch_size=16, steps=2000, lr=1e-6, warmup_steps=150, min_lr_ratio=1.0,
+                 eval_interval=200, ckpt_interval=200, log_interval=10, sample_batch_size=256, eval_prompts=1000),
 }
 
 
@@ -301,20 +388,21 @@ def build_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None) ->
     check_block_size(cfg.block_size, reference)
     reference.to(get_device(cfg.device)).eval().requires_grad_(False)
     policy = disable_dropout(copy.deepcopy(reference).requires_grad_(True))
+    if cfg.lora_rank:
+        apply_lora(policy, cfg.lora_rank, cfg.lora_alpha)
 
-    train_pairs = load_preference_pairs("train", cfg.data_source, cfg.train_pairs or None, cfg.seed)
-    val_pairs = load_preference_pairs("validation", cfg.data_source, cfg.val_pairs, cfg.seed)
-    train = build_preference_data(train_pairs, tokenizer, reference, cfg.block_size, cfg.eval_batch_size,
-                                  desc="reference log-probs (train)")
-    val = build_preference_data(val_pairs, tokenizer, reference, cfg.block_size, cfg.eval_batch_size,
-                                desc="reference log-probs (val)")
+    train_pairs, val_pairs = preference_pairs(cfg, reference, tokenizer)
+    train = reference_data(train_pairs, tokenizer, reference, cfg.block_size, cfg.eval_batch_size,
+                           desc="reference log-probs (train)")
+    val = reference_data(val_pairs, tokenizer, reference, cfg.block_size, cfg.eval_batch_size,
+                         desc="reference log-probs (val)")
     if len(train) < cfg.examples_per_step:
         raise ValueError(f"{len(train)} training pairs cannot fill a batch of {cfg.examples_per_step}")
     print(f"DPO ({cfg.loss}): {len(train)} train / {len(val)} validation pairs of <= {cfg.block_size} tokens, "
           f"beta={cfg.beta}")
 
     trainer = make_trainer(cfg, policy, dpo_dir(cfg) / "run", desc="dpo")
-    loss_fn = make_preference_loss_fn(cfg.beta, cfg.label_smoothing, PREFERENCE_LOSSES[cfg.loss])
+    loss_fn = make_preference_loss_fn(cfg.beta, cfg.label_smoothing, PREFERENCE_LOSSES[cfg.loss], cfg.length_normalize)
     step_fn = make_step_fn(trainer, policy, loss_fn, train.batch, n_examples=len(train), batch_size=cfg.batch_size,
                            grad_accum=cfg.grad_accum, seed=cfg.seed, items_fn=pairs_in)
     # the same chunks as the reference pass, so at step 0 policy and reference rewards tie exactly
@@ -322,6 +410,19 @@ def build_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None) ->
                    for i in range(0, len(val), cfg.eval_batch_size)]
     eval_fn = make_eval_fn(trainer, policy, loss_fn, val_batches, items_fn=pairs_in)
     return DPOSetup(cfg, policy, reference, tokenizer, trainer, step_fn, eval_fn, train, val)
+
+
+def preference_pairs(cfg: DPOConfig, reference: nn.Module, tokenizer) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation) pairs of `cfg.data_source`; "sentiment" (the offline default of "auto") samples them from
+    `reference`, the SFT policy (`fm.preference.sentiment_pairs`, cached)."""
+    source = resolve_pair_source(cfg.data_source)
+    if source != "sentiment":
+        return (load_preference_pairs("train", source, cfg.train_pairs or None, cfg.seed),
+                load_preference_pairs("validation", source, cfg.val_pairs, cfg.seed))
+    sampling = dict(max_new_tokens=cfg.reply_tokens, margin=cfg.tie_margin, batch_size=cfg.sample_batch_size // 2,
+                    seed=cfg.seed)
+    return (sentiment_pairs(reference, tokenizer, "train", cfg.sampled_pairs, **sampling),
+            sentiment_pairs(reference, tokenizer, "validation", cfg.val_pairs, **sampling))
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -337,14 +438,15 @@ def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = No
     """Fine-tune a copy of the SFT model on preference pairs with `PREFERENCE_LOSSES[cfg.loss]`; returns the setup.
 
     The reference log-probs of every pair are computed once before training (the SFT model is frozen, so they never
-    change); the policy then needs one forward pass of chosen + rejected per step, on `common.trainer.Trainer`. With
-    `resume`, training continues from the checkpoint in `dpo_dir(cfg)/run/`. `model`/`tokenizer`: the SFT model, as
-    in `build_dpo`. The trained policy is saved to `dpo_dir(cfg)` (`load_dpo_models` reads it) and returned in eval
-    mode.
+    change); the policy then needs one forward + backward pass of chosen + rejected per step, on
+    `common.trainer.Trainer`. With `resume`, training continues from the checkpoint in `dpo_dir(cfg)/run/`.
+    `model`/`tokenizer`: the SFT model, as in `build_dpo`. The trained policy is saved to `dpo_dir(cfg)`
+    (`load_dpo_models` reads it) and returned in eval mode.
     """
     setup = build_dpo(cfg, model, tokenizer)
     setup.trainer.fit(setup.step_fn, setup.eval_fn, resume=resume)
-    save_trained(setup.policy.eval(), setup.tokenizer, cfg, dpo_dir(cfg))
+    setup.policy = merge_lora(setup.policy).eval()
+    save_trained(setup.policy, setup.tokenizer, cfg, dpo_dir(cfg))
     return setup
 
 

@@ -1,17 +1,36 @@
-"""Analysis of a DPO policy (task 1.3): the numerical checks of 1.3.1 and of the DPO gradient, reward accuracy by
-kind of pair, and DPO's implicit reward of any (prompt, response), which the enhancement task uses as a scorer.
+"""Analysis of a DPO policy (tasks 1.3, 1.4): the numerical checks of 1.3.1 and of the DPO gradient, reward accuracy
+by kind of pair, DPO's implicit reward of any (prompt, response), and the evaluation of a policy by an external
+reward on held-out prompts.
+
+The evaluation (`evaluate_policy`) is what the DPO paper's sentiment experiment measures: sample one reply per
+held-out prompt from the policy, score it with the oracle (`fm.reward.sentiment_reward`), and estimate the policy's
+sequence-level KL(pi || pi_ref) from the same samples, E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)]. Reward against KL
+over several beta is the reward-KL frontier (`plot_frontier`, the paper's Figure 2, left). The implicit reward is no
+such measure: on samples of pi its mean is that KL, >= 0 whatever DPO learned.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from common import cache_dir
+from common.io import atomic_save
+from common.plotting import save_figure
 from fm.data import IGNORE_INDEX, collate
 from fm.dpo import PreferenceData, concatenated_logps, dpo_loss, pair_logps, reward_accuracy, sequence_logps
-from fm.preference import Pair, tokenize_pair, tokenize_response
+from fm.generate import Completions, sample_completions
+from fm.metrics import distinct_n, mean_ci, win_rate
+from fm.preference import Pair, tokenize_pair, tokenize_response, weights_digest
+from fm.reward import sentiment_reward
 from fm.tokenizer import padding_id
 
 
@@ -130,3 +149,142 @@ def implicit_reward(policy: nn.Module, reference: nn.Module, tokenizer, prompts:
     reference.eval()
     return beta * (response_logps(policy, tokenizer, prompts, responses, block_size)
                    - response_logps(reference, tokenizer, prompts, responses, block_size))
+
+
+# ---------------------------------------------------------------------------------------------- policy evaluation
+@torch.no_grad()
+def completion_logps(model: nn.Module, completions: Completions, pad_token_id: int, batch_size: int = 16
+                     ) -> torch.Tensor:
+    """log p(completion | prompt) of the exact sampled ids, summed over the completion (its stop token included),
+    (N,) float32 on the CPU. Sequences are scored in batches of similar length (less padding), results in order."""
+    if len(completions) == 0:
+        raise ValueError("completion_logps got no completions")
+    device = next(model.parameters()).device
+    rows = [(p, c) for p, c in zip(completions.prompt_ids, completions.completion_ids, strict=True)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    out = torch.empty(len(rows))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        examples = [{"input_ids": rows[i][0] + rows[i][1], "labels": [IGNORE_INDEX] * len(rows[i][0]) + rows[i][1]}
+                    for i in idx]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out[idx] = sequence_logps(logits, batch["input_ids"], batch["labels"] != IGNORE_INDEX).float().cpu()
+    return out
+
+
+@dataclass
+class PolicyEval:
+    """One policy's samples on the evaluation prompts, their oracle rewards and log-probs (each (N,))."""
+
+    name: str
+    completions: Completions
+    rewards: torch.Tensor  # oracle reward of each reply
+    logps: torch.Tensor  # log pi(y|x) of each sample under the policy
+    ref_logps: torch.Tensor  # ... and under the reference
+
+    @property
+    def log_ratios(self) -> torch.Tensor:
+        """log pi(y|x) - log pi_ref(y|x) per sample: their mean estimates KL(pi || pi_ref), since y ~ pi."""
+        return self.logps - self.ref_logps
+
+    def summary(self) -> dict[str, float | str | int]:
+        """Mean oracle reward with its 95 % CI, the KL estimate with its standard error, and the fluency guards:
+        mean reply length in words, word distinct-2, and the reference model's log-prob per completion token."""
+        reward, low, high = mean_ci(self.rewards)
+        kl = self.log_ratios
+        tokens = sum(len(c) for c in self.completions.completion_ids)
+        words = [r.split() for r in self.completions.replies]
+        return {"policy": self.name, "prompts": len(self.rewards), "reward": reward, "reward CI low": low,
+                "reward CI high": high, "KL": kl.mean().item(), "KL s.e.": (kl.std() / len(kl) ** 0.5).item(),
+                "mean words": statistics.fmean(len(w) for w in words), "distinct-2": distinct_n(words, 2),
+                "ref log-prob / token": self.ref_logps.sum().item() / tokens}
+
+
+def evaluate_policy(name: str, policy: nn.Module, reference: nn.Module, tokenizer, prompts: Sequence[str],
+                    max_new_tokens: int, seed: int = 0, batch_size: int = 32, score_batch_size: int = 32,
+                    cache: bool = False) -> PolicyEval:
+    """One fresh sample per prompt from `policy` (temperature 1, seed `seed`: give every policy the same; prompts
+    sampled `batch_size` at a time), scored by the oracle, and the log-probs of the sampled ids under the policy and
+    the reference (KL estimate; `score_batch_size` sequences per forward pass). A policy that is the reference gets
+    log-ratios of exactly 0 without a second pass.
+
+    With `cache`, the result is kept in cache_dir()/policy_evals/ under a hash of both models' weights, the prompts
+    and the settings (1.4 re-reads 1.3's evaluations of the same SFT and DPO models instead of sampling again).
+    """
+    if tokenizer is None:
+        raise ValueError(f"evaluate_policy({name!r}) needs the policy's tokenizer")
+    if isinstance(prompts, str) or len(prompts) < 2:
+        raise ValueError("evaluate_policy needs a list of at least 2 prompts (a confidence interval needs 2)")
+    path = None
+    if cache:
+        key = [weights_digest(policy), weights_digest(reference), list(prompts), max_new_tokens, seed, batch_size]
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        path = cache_dir() / "policy_evals" / f"{digest}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            return PolicyEval(name, Completions(**saved.pop("completions")), **saved)
+    policy.eval()
+    completions = sample_completions(policy, tokenizer, prompts, max_new_tokens, batch_size, seed, temperature=1.0)
+    pad = padding_id(tokenizer)
+    ref_logps = completion_logps(reference.eval(), completions, pad, score_batch_size)
+    logps = ref_logps.clone() if policy is reference else completion_logps(policy, completions, pad, score_batch_size)
+    result = PolicyEval(name, completions, sentiment_reward(completions.replies), logps, ref_logps)
+    if path is not None:
+        atomic_save({"completions": vars(completions), "rewards": result.rewards, "logps": logps,
+                     "ref_logps": ref_logps}, path)
+    return result
+
+
+def compare_to_baseline(evals: Sequence[PolicyEval], baseline: PolicyEval) -> list[dict]:
+    """`PolicyEval.summary` of each policy plus its oracle win rate against `baseline` on the same prompts (ties
+    count half) with the 95 % CI."""
+    rows = []
+    for ev in evals:
+        if ev.completions.prompts != baseline.completions.prompts:
+            raise ValueError(f"{ev.name} and {baseline.name} were evaluated on different prompts")
+        rate, low, high = win_rate(ev.rewards, baseline.rewards)
+        rows.append({**ev.summary(), f"win rate vs {baseline.name}": rate, "win CI low": low, "win CI high": high})
+    return rows
+
+
+def plot_frontier(points: Sequence[dict], baseline: dict, path: str | Path, title: str) -> Path:
+    """Mean oracle reward against KL(pi || pi_ref), one line per method through its betas (labelled), the SFT
+    reference at KL 0. `points`: dicts with method, beta, kl, reward; `baseline`: {"reward": ...}."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([0.0], [baseline["reward"]], color="black", marker="s", zorder=3, label="SFT (reference)")
+    for method in dict.fromkeys(p["method"] for p in points):
+        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        line = ax.plot([0.0] + [p["kl"] for p in mine], [baseline["reward"]] + [p["reward"] for p in mine],
+                       marker="o", label=method.upper())[0]
+        for p in mine:
+            ax.annotate(f"beta={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color=line.get_color())
+    ax.set_title(title, fontsize=10)
+    ax.set(xlabel="KL(pi || pi_ref) per reply (nats), estimated on the policy's samples",
+           ylabel="mean oracle reward (VADER compound)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)
+
+
+SUMMARY_SOURCES = {"sentiment": "oracle-sentiment", "hh": "hh-rlhf", "chitchat": "chitchat-fixture"}
+SUMMARY_KEYS = ("source", "n_train_pairs", "n_eval_prompts", "win_rate", "win_rate_ci", "reward", "frontier",
+                "val_reward_accuracy")
+
+
+def frontier_point(method: str, beta: float, ev: PolicyEval) -> dict:
+    """One point of the reward-KL frontier: {method, beta, kl, reward} of an evaluated policy."""
+    return {"method": method, "beta": beta, "kl": ev.log_ratios.mean().item(), "reward": ev.rewards.mean().item()}
+
+
+def dpo_summary(source: str, n_train_pairs: int, sft: PolicyEval, dpo: PolicyEval, frontier: Sequence[dict],
+                val_reward_accuracy: float) -> dict:
+    """The headline numbers of 1.3/1.4 (`fig/dpo_summary.json`, keys SUMMARY_KEYS): the pair source
+    ("oracle-sentiment" | "hh-rlhf"), the training pairs, the evaluation prompts, DPO's oracle win rate against SFT
+    with its 95 % CI, both mean rewards, the frontier points and DPO's final validation reward accuracy."""
+    rate, low, high = win_rate(dpo.rewards, sft.rewards)
+    rewards = {"sft": sft.rewards.mean().item(), "dpo": dpo.rewards.mean().item()}
+    return {"source": SUMMARY_SOURCES[source], "n_train_pairs": n_train_pairs, "n_eval_prompts": len(sft.rewards),
+            "win_rate": rate, "win_rate_ci": [low, high], "reward": rewards, "frontier": list(frontier),
+            "val_reward_accuracy": val_reward_accuracy}

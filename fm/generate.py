@@ -3,6 +3,9 @@
 Both kinds of model are driven the same way: `model(ids, attention_mask=, position_ids=, use_cache=, <cache>=)`, where
 <cache> is `past_key_values` for our GPT and `cache` for transformers >= 5 (found from the forward signature).
 Left-padded batches work: positions are counted over real tokens and padding keys are masked.
+
+`sample_completions` is the text-level entry: replies to prompts, sampled in left-padded batches, together with the
+exact token ids sampled (what a log-probability of the sample, e.g. a KL estimate, must score).
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fm.data import encode
 from fm.model import position_ids_from_mask
+from fm.tokenizer import padding_id
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -84,7 +90,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -92,8 +98,9 @@ def generate(
 ) -> torch.Tensor:
     """Sample up to `max_new_tokens` tokens after `input_ids` (B, T); returns (B, T + new) on the model's device.
 
-    attention_mask (B, T): 0 marks left padding. Once a row has produced `eos_token_id` it is filled with that id, and
-    generation stops when every row has. `generator` makes sampling reproducible (seed it on the model's device).
+    attention_mask (B, T): 0 marks left padding. `eos_token_id`: one stop id or several (as transformers accepts); once
+    a row has produced one, its later tokens are the first stop id, and generation stops when every row has.
+    `generator` makes sampling reproducible (seed it on the model's device).
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(f"input_ids must be a (B, T) long tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -109,6 +116,11 @@ def generate(
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
     if mask.shape != tokens.shape:
         raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(tokens.shape)}")
+    stop = None
+    if eos_token_id is not None:
+        stop = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+        if stop.numel() == 0:
+            raise ValueError("eos_token_id is an empty list; pass None for no stop token")
     cache_name = _cache_kwarg(model)
     was_training = model.training
     model.eval()
@@ -123,16 +135,98 @@ def generate(
             if use_cache:
                 cache = getattr(out, cache_name)
             next_ids = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                next_ids = next_ids.masked_fill(finished, eos_token_id)
-                finished |= next_ids == eos_token_id
+            if stop is not None:
+                next_ids = next_ids.masked_fill(finished, stop[0])
+                finished |= torch.isin(next_ids, stop)
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_ids[:, None])], dim=1)
-            if eos_token_id is not None and finished.all():
+            if stop is not None and finished.all():
                 break
     finally:
         model.train(was_training)
     return tokens
+
+
+# ---------------------------------------------------------------------------------------------- replies to prompts
+@dataclass
+class Completions:
+    """Sampled replies and the ids behind them, one entry per prompt.
+
+    completion_ids[i] are the sampled ids up to and including the stop id (EOS or a token with a line break), or
+    `max_new_tokens` ids when no stop came; replies[i] is their text before that stop, stripped.
+    """
+
+    prompts: list[str]
+    replies: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def line_end_ids(tokenizer) -> list[int]:
+    """EOS and every token id whose text holds a line break: where a one-line chat reply ends (the next
+    "\n\nHuman:" turn starts with one)."""
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    decode = getattr(tokenizer, "batch_decode", None)
+    texts = decode([[i] for i in range(n)]) if decode else [tokenizer.decode([i]) for i in range(n)]
+    return [tokenizer.eos_token_id, *(i for i, t in enumerate(texts) if "\n" in t and i != tokenizer.eos_token_id)]
+
+
+def left_padded(ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a left-padded (B, T) tensor and its attention mask, ready for `generate`."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(x)) + list(x) for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+                       seed: int = 0, **decoding) -> Completions:
+    """One one-line reply per prompt, sampled in left-padded batches with the KV cache (`generate`).
+
+    A reply ends at EOS or at its first line break (`line_end_ids`). Prompts are batched in order of their token
+    length (less padding to compute; results come back in the given order), and one generator seeded with `seed`
+    runs through the batches, so the same prompts and seed give every model the same random numbers. `decoding`:
+    temperature, top_k, top_p as in `generate` (temperature 1 and no filter = the model's own distribution).
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("sample_completions needs a non-empty list of prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no eos_token_id; a reply could never end")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stop = line_end_ids(tokenizer)
+    stop_set = set(stop)
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    completion_ids: list[list[int]] = [[] for _ in prompts]
+    pad = padding_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask = left_padded([prompt_ids[i] for i in rows], pad, device)
+        width = input_ids.shape[1]
+        tokens = generate(model, input_ids, max_new_tokens, eos_token_id=stop, attention_mask=mask,
+                          generator=generator, **decoding)
+        for i, new in zip(rows, tokens[:, width:].tolist(), strict=True):
+            end = next((j for j, t in enumerate(new) if t in stop_set), None)
+            completion_ids[i] = new if end is None else new[: end + 1]
+    replies = []
+    for ids in completion_ids:
+        text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids
+        replies.append(tokenizer.decode(text_ids).split("\n")[0].strip())
+    return Completions(list(prompts), replies, prompt_ids, completion_ids)
+
+
+def sample_replies(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+                   seed: int = 0, **decoding) -> list[str]:
+    """The reply texts of `sample_completions`."""
+    return sample_completions(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **decoding).replies
 
 
 def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Sequence[int], **kwargs) -> list[dict]:

@@ -1,8 +1,12 @@
-"""Text metrics of generations."""
+"""Metrics of generations: distinct-n, and the statistics of a comparison (mean with a confidence interval, win
+rate with ties counted half)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+import torch
 
 
 def distinct_n(sequences: Sequence[Sequence | str], n: int) -> float:
@@ -23,3 +27,36 @@ def distinct_n(sequences: Sequence[Sequence | str], n: int) -> float:
         unique.update(grams)
         total += len(grams)
     return len(unique) / total if total else 0.0
+
+
+Z_95 = 1.959964  # two-sided 95 % quantile of the standard normal
+
+
+def mean_ci(values: Sequence[float] | torch.Tensor, z: float = Z_95) -> tuple[float, float, float]:
+    """(mean, low, high): the sample mean and its normal-approximation confidence interval mean +- z * s / sqrt(n).
+
+    `s` is the sample standard deviation (n - 1 in the denominator); z = 1.96 gives 95 %. Needs n >= 2.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {x.numel()}")
+    mean, half = x.mean().item(), z * x.std().item() / math.sqrt(x.numel())
+    return mean, mean - half, mean + half
+
+
+def win_scores(rewards_a: Sequence[float] | torch.Tensor, rewards_b: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Per prompt: 1 where a's reward beats b's, 0.5 on a tie, 0 where it loses; (N,) float64."""
+    a = torch.as_tensor(rewards_a, dtype=torch.float64).flatten()
+    b = torch.as_tensor(rewards_b, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"win rate compares rewards on the same prompts: got {a.numel()} and {b.numel()} rewards")
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
+def win_rate(rewards_a: Sequence[float] | torch.Tensor, rewards_b: Sequence[float] | torch.Tensor,
+             z: float = Z_95) -> tuple[float, float, float]:
+    """Win rate of a over b on paired rewards (ties count half) and its confidence interval, as (rate, low, high).
+
+    The rate is the mean of `win_scores`, so its interval is `mean_ci` of those per-prompt scores.
+    """
+    return mean_ci(win_scores(rewards_a, rewards_b), z)

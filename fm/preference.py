@@ -6,6 +6,11 @@ A pair is a dict with
     kind     where the pair comes from: "hh-rlhf", or for the offline fixture the way the rejected reply was made.
 
 Sources:
+- "sentiment": on-policy pairs labelled by a known reward, the DPO paper's controlled-sentiment setup (section 6.1):
+  for each single-turn chitchat prompt (`chitchat_prompts`), two replies sampled from the SFT policy itself
+  (temperature 1, one line of at most `max_new_tokens` tokens), chosen = the one with the higher VADER sentiment
+  (`fm.reward.sentiment_reward`), near-ties (|difference| < `margin`) dropped. Built by `sentiment_pairs`, which
+  needs the policy and caches the pairs on disk, keyed by the policy's weights and the sampling settings.
 - "hh": Anthropic's HH-RLHF (`Anthropic/hh-rlhf` through `datasets`): each row is two transcripts that share all
   but the last assistant reply; its "test" split is our validation split.
 - "chitchat": an offline fixture built from the SFT dialogues (`fm.data.load_dialogues(split, "chitchat")`) with
@@ -16,22 +21,31 @@ Sources:
       off-topic   a real reply to some other message, from another conversation.
   The brush-offs of the validation split are phrasings never seen in training, so validation accuracy on them
   measures whether DPO learned "do not be rude", not a list of strings. Built deterministically from `seed`.
-- "auto": "hh" when the Hugging Face hub answers within a few seconds, else "chitchat" (it prints which).
+  It stays as a fast, fixed test set of pairs.
+- "auto": "hh" when the Hugging Face hub answers within a few seconds, else "sentiment" (`resolve_pair_source`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from common import cache_dir
 from common.hub import hub_reachable
 from fm.data import IGNORE_INDEX, Turn, collate, format_prompt, load_dialogues, parse_dialogue, tokenize_dialogue
+from fm.generate import sample_completions
+from fm.reward import sentiment_reward
 
-Pair = dict[str, str]
+Pair = dict[str, str | float]  # prompt, chosen, rejected, kind (str); sentiment pairs add both rewards (float)
 SPLITS = ("train", "validation")
-SOURCES = ("auto", "hh", "chitchat")
+SOURCES = ("auto", "hh", "chitchat", "sentiment")
+PROMPT_SPLITS = ("train", "validation", "test")
 HH_DATASET = "Anthropic/hh-rlhf"
 KINDS = ("rude", "repetitive", "off-topic")
 KIND_WEIGHTS = (0.4, 0.3, 0.3)
@@ -52,20 +66,31 @@ def brush_offs(split: str) -> tuple[str, ...]:
     return tuple(b for i, b in enumerate(BRUSH_OFFS) if (i % 4 == 3) == (split == "validation"))
 
 
-def load_preference_pairs(split: str, source: str = "auto", limit: int | None = None, seed: int = 0) -> list[Pair]:
-    """Preference pairs of `split` ("train" | "validation") from `source` ("auto" | "hh" | "chitchat").
-
-    `limit` keeps the first n pairs (of a fixed shuffle with `seed`, so a small limit still mixes all kinds).
-    """
-    _check_split(split)
+def resolve_pair_source(source: str) -> str:
+    """The concrete source for `source`: "auto" is "hh" when the hub answers (`common.hub.hub_reachable`), else
+    "sentiment"; it prints which and why. The others are returned as they are."""
     if source not in SOURCES:
         raise ValueError(f"unknown preference source {source!r}; choose one of {SOURCES}")
+    if source != "auto":
+        return source
+    online, why = hub_reachable()
+    print(f"preference pairs: {HH_DATASET if online else 'on-policy pairs labelled by the sentiment oracle'} ({why})")
+    return "hh" if online else "sentiment"
+
+
+def load_preference_pairs(split: str, source: str = "auto", limit: int | None = None, seed: int = 0) -> list[Pair]:
+    """Fixed preference pairs of `split` ("train" | "validation") from `source` ("auto" | "hh" | "chitchat").
+
+    `limit` keeps the first n pairs (of a fixed shuffle with `seed`, so a small limit still mixes all kinds). The
+    on-policy "sentiment" pairs depend on a policy: `sentiment_pairs` builds them.
+    """
+    _check_split(split)
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive (or None for all pairs), got {limit}")
-    if source == "auto":
-        online, why = hub_reachable()
-        source = "hh" if online else "chitchat"
-        print(f"preference pairs: {HH_DATASET if online else 'offline chitchat fixture'} ({why})")
+    source = resolve_pair_source(source)
+    if source == "sentiment":
+        raise ValueError("sentiment pairs are sampled from a policy: build them with "
+                         "fm.preference.sentiment_pairs(policy, tokenizer, split, n_pairs)")
     pairs = _hh_pairs(split) if source == "hh" else chitchat_pairs(split, seed)
     if limit is not None:
         random.Random(seed).shuffle(pairs)
@@ -125,6 +150,118 @@ def chitchat_pairs(split: str, seed: int = 0) -> list[Pair]:
             pairs.append({"prompt": format_prompt([("Human", message)]), "chosen": reply, "rejected": rejected,
                           "kind": kind})
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------- on-policy pairs
+def chitchat_prompts(split: str, seed: int = 0) -> list[str]:
+    """Single-turn prompts "Human: <message>\\n\\nAssistant:" from the chitchat messages of 3-20 words, without
+    duplicates, in a shuffle fixed by `seed`.
+
+    "train": messages of the SFT training conversations; "validation" and "test": of the held-out conversations
+    (`fm.data.load_dialogues("validation")`), even-numbered ones for validation pairs and odd-numbered ones for the
+    test prompts of the policy evaluation. A message of an earlier split in PROMPT_SPLITS is left out of the later
+    ones (stock phrases such as "what are you studying" recur), so test prompts are never trained or validated on.
+    """
+    if split not in PROMPT_SPLITS:
+        raise ValueError(f"split must be one of {PROMPT_SPLITS}, got {split!r}")
+    earlier = {m for s in PROMPT_SPLITS[: PROMPT_SPLITS.index(split)] for m in _human_messages(s)}
+    prompts = [format_prompt([("Human", m)]) for m in _human_messages(split) if m not in earlier]
+    random.Random(f"{seed}-{split}").shuffle(prompts)
+    return prompts
+
+
+def _human_messages(split: str) -> list[str]:
+    """The distinct Human messages of 3-20 words of `split`'s conversations (see `chitchat_prompts`), in order."""
+    dialogues = load_dialogues("train" if split == "train" else "validation", "chitchat")
+    if split != "train":
+        dialogues = dialogues[split == "test" :: 2]
+    return list(dict.fromkeys(
+        text for turns in dialogues for role, text in turns if role == "Human" and 3 <= len(text.split()) <= _MAX_WORDS
+    ))
+
+
+def label_pairs(prompts: Sequence[str], replies_a: Sequence[str], replies_b: Sequence[str],
+                rewards_a: torch.Tensor, rewards_b: torch.Tensor, margin: float) -> list[Pair]:
+    """Preference pairs from two scored replies per prompt: chosen = the higher reward; a pair whose rewards differ by
+    less than `margin` (a tie or a near-tie, which the oracle cannot rank) is dropped. rewards_* (N,)."""
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("label_pairs got no prompts")
+    if not len(replies_a) == len(replies_b) == len(rewards_a) == len(rewards_b) == n:
+        raise ValueError(f"label_pairs needs one reply and one reward per prompt and side: {n} prompts, "
+                         f"{len(replies_a)}/{len(replies_b)} replies, {len(rewards_a)}/{len(rewards_b)} rewards")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    pairs = []
+    for prompt, a, b, ra, rb in zip(prompts, replies_a, replies_b, rewards_a.tolist(), rewards_b.tolist(), strict=True):
+        if abs(ra - rb) < margin or ra == rb:
+            continue
+        (chosen, r_chosen), (rejected, r_rejected) = sorted(((a, ra), (b, rb)), key=lambda x: -x[1])
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": "sentiment",
+                      "chosen_reward": r_chosen, "rejected_reward": r_rejected})
+    return pairs
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def weights_digest(model: nn.Module, length: int = 12) -> str:
+    """Hash of every tensor of `model`'s state dict (names, shapes, dtypes, bytes): the model's identity."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:length]
+
+
+def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, max_new_tokens: int = 40,
+                    margin: float = 0.1, batch_size: int = 32, seed: int = 0) -> list[Pair]:
+    """`n_pairs` on-policy pairs of `split` ("train" | "validation"), labelled by `fm.reward.sentiment_reward`.
+
+    Prompts of `chitchat_prompts(split, seed)` are taken `batch_size` at a time; each is answered twice by `policy`
+    in one batch of 2 x batch_size rows (temperature 1, no top-k/top-p, a one-line reply of <= `max_new_tokens`
+    tokens, `fm.generate.sample_completions`, seeded by the batch's position); `label_pairs` keeps the pairs the
+    oracle can rank, until n_pairs are kept. The pairs are cached in cache_dir()/preference_pairs/, keyed by the
+    policy's weights (`weights_digest`), the prompts and the sampling settings: a rerun skips the sampling, a request
+    for fewer pairs takes the first ones, one for more samples only the missing batches, and another policy samples
+    anew.
+    """
+    _check_split(split)
+    if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError("sentiment_pairs needs the policy's tokenizer (with an eos_token_id) to sample replies")
+    if n_pairs <= 0 or batch_size <= 0 or max_new_tokens <= 0:
+        raise ValueError(f"n_pairs, batch_size and max_new_tokens must be positive, got {n_pairs}, {batch_size}, "
+                         f"{max_new_tokens}")
+    prompts = chitchat_prompts(split, seed)
+    settings = dict(policy=weights_digest(policy), split=split, max_new_tokens=max_new_tokens, margin=margin,
+                    batch_size=batch_size, seed=seed, temperature=1.0, reward="vader-compound",
+                    prompts=_digest(prompts))
+    path = cache_dir() / "preference_pairs" / f"{split}_{_digest(settings)}.json"
+    cached = json.loads(path.read_text()) if path.exists() else {"prompts_sampled": 0, "pairs": []}
+    pairs, used = cached["pairs"], cached["prompts_sampled"]
+    if len(pairs) >= n_pairs:
+        print(f"{n_pairs} {split} sentiment pairs from the cache {path.name}")
+        return pairs[:n_pairs]
+    while len(pairs) < n_pairs:
+        if used >= len(prompts):
+            raise ValueError(f"the {len(prompts)} {split} prompts gave only {len(pairs)} pairs with a reward gap >= "
+                             f"{margin}; ask for fewer pairs or lower the margin")
+        chunk = prompts[used : used + batch_size]
+        out = sample_completions(policy, tokenizer, chunk + chunk, max_new_tokens, batch_size=2 * len(chunk),
+                                 seed=seed * 1_000_003 + used, temperature=1.0)
+        rewards = sentiment_reward(out.replies)
+        k = len(chunk)
+        pairs += label_pairs(chunk, out.replies[:k], out.replies[k:], rewards[:k], rewards[k:], margin)
+        used += k
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"settings": settings, "prompts_sampled": used, "pairs": pairs}, indent=1))
+    tmp.replace(path)
+    print(f"{n_pairs} {split} sentiment pairs: {len(pairs)} kept of {used} prompts answered twice "
+          f"(sampled {used - cached['prompts_sampled']} now), cached in {path}")
+    return pairs[:n_pairs]
 
 
 # ---------------------------------------------------------------------------------------------- tokenization

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 
@@ -32,7 +33,7 @@ class LMTrainConfig:
     """The fields SFT and DPO share; each task adds its own (`fm.sft.SFTConfig`, `fm.dpo.DPOConfig`)."""
 
     run_name: str = "quick"  # readable prefix of the run folder (see the module docstring)
-    data_source: str = "auto"  # auto | hh | chitchat
+    data_source: str = "auto"  # one of data_sources
     block_size: int = 128  # tokens per sequence
     batch_size: int = 4  # micro-batch: examples (SFT) or pairs (DPO)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -48,6 +49,7 @@ class LMTrainConfig:
     seed: int = 0
     device: str | None = None  # None: common.get_device()
     log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
+    data_sources: ClassVar[tuple[str, ...]] = DATA_SOURCES  # what data_source may be (DPO adds its on-policy pairs)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -58,7 +60,8 @@ class LMTrainConfig:
         check(self.lr > 0, f"{name}.lr must be positive, got {self.lr}")
         check(self.warmup_steps < self.steps, f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.data_source in DATA_SOURCES, f"data_source must be auto, hh or chitchat, got {self.data_source!r}")
+        check(self.data_source in self.data_sources,
+              f"{name}.data_source must be one of {self.data_sources}, got {self.data_source!r}")
 
     @property
     def examples_per_step(self) -> int:

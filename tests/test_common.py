@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -157,3 +159,17 @@ def test_step_and_eval_helpers_weight_batches_by_their_items(tmp_path):
     batches = [batch_fn([0, 1, 2]), batch_fn([3]), batch_fn([4, 5, 6, 7])]
     evaluated = make_eval_fn(trainer, model, loss_fn, batches, items_fn=items)(0)
     assert evaluated["val_loss"] == pytest.approx(float(weight.detach() * (data**2).sum() / data.sum()))
+
+
+def test_merge_json_keeps_the_keys_an_update_does_not_name(tmp_path):
+    from common.io import merge_json
+
+    path = tmp_path / "summary.json"
+    merge_json(path, {"vae": {"mnist": {"1": {"kl_nats": 20.0}}}, "gan": {"mode": "fixed"}})
+    merged = merge_json(path, {"vae": {"mnist": {"1e-3": {"kl_nats": 40.0}}}, "ldm": {"n": 1000}})
+    assert merged == {"vae": {"mnist": {"1": {"kl_nats": 20.0}, "1e-3": {"kl_nats": 40.0}}},
+                      "gan": {"mode": "fixed"}, "ldm": {"n": 1000}}
+    assert json.loads(path.read_text()) == merged
+    path.write_text("[1, 2]")
+    with pytest.raises(TypeError, match="JSON objects"):
+        merge_json(path, {"a": 1})

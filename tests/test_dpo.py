@@ -15,19 +15,34 @@ from fm.dpo import (
     dpo_loss,
     ipo_loss,
     load_dpo_models,
+    make_preference_loss_fn,
     reward_accuracy,
     sequence_logps,
     train_dpo,
 )
 from fm.dpo_analysis import (
+    SUMMARY_KEYS,
+    PolicyEval,
+    compare_to_baseline,
+    completion_logps,
     conditional_vs_joint,
+    dpo_summary,
+    evaluate_policy,
+    frontier_point,
     gradient_weighting_check,
     implicit_reward,
     response_logps,
     rewards_by_kind,
 )
+from fm.reward import sentiment_reward
 from fm.sft import sft_config
 from fm.tokenizer import get_gpt2_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Sampled pairs, reference log-probs and evaluations of a test in its own cache folder."""
+    monkeypatch.setenv("HW3_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
@@ -147,8 +162,8 @@ def test_gradient_weighting_matches_autograd():
 
 
 def build(seed: int = 0, **overrides):
-    base = dict(run_name="test", train_pairs=4, val_pairs=4, batch_size=4, eval_batch_size=4, steps=6, lr=3e-3,
-                warmup_steps=1, eval_interval=3, device="cpu")
+    base = dict(run_name="test", data_source="chitchat", train_pairs=4, val_pairs=4, batch_size=4, eval_batch_size=4,
+                steps=6, lr=3e-3, warmup_steps=1, eval_interval=3, device="cpu")
     return build_dpo(dpo_config("smoke", **{**base, **overrides}), model=small_gpt2(seed),
                      tokenizer=get_gpt2_tokenizer())
 
@@ -245,3 +260,91 @@ def test_train_dpo_saves_the_policy_that_load_dpo_models_returns():
     torch.testing.assert_close(policy(ids).logits, result.policy(ids).logits)
     torch.testing.assert_close(reference(ids).logits, result.reference(ids).logits)
     assert not torch.equal(policy(ids).logits, reference(ids).logits)  # the saved model is the trained policy
+
+
+# ---------------------------------------------------------------------------------------------- policy evaluation
+def three_token_lm(seed: int) -> GPT2LMHeadModel:
+    """A random LM over a 3-token vocabulary, peaked enough that two of them have a clearly nonzero KL."""
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=3, n_positions=8, n_embd=8, n_layer=1, n_head=1,
+                                      initializer_range=1.0)).eval()
+
+
+def test_kl_estimate_on_own_samples_matches_the_exact_kl():
+    from fm.generate import Completions, generate
+
+    policy, reference = three_token_lm(0), three_token_lm(1)
+    prompt = [0, 2]
+    replies = [[a, b] for a in range(3) for b in range(3)]  # every reply of length 2: the whole reply space
+    space = Completions(["x"] * 9, ["y"] * 9, [prompt] * 9, replies)
+    p, q = completion_logps(policy, space, 0).double(), completion_logps(reference, space, 0).double()
+    assert p.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # the enumeration is complete
+    exact = (p.exp() * (p - q)).sum().item()
+
+    n = 4000
+    samples = generate(policy, torch.tensor([prompt] * n), 2, generator=torch.Generator().manual_seed(0))[:, 2:]
+    drawn = Completions(["x"] * n, ["y"] * n, [prompt] * n, samples.tolist())
+    ev = PolicyEval("policy", drawn, torch.zeros(n), completion_logps(policy, drawn, 0, batch_size=1000),
+                    completion_logps(reference, drawn, 0, batch_size=1000))
+    summary = ev.summary()
+    assert exact > 0.05  # the two models really differ
+    assert abs(summary["KL"] - exact) < 3 * summary["KL s.e."], (summary["KL"], exact, summary["KL s.e."])
+
+
+def test_evaluate_policy_scores_samples_and_the_reference_has_zero_kl():
+    from fm.pretrained import load_lm
+
+    reference, tok = load_lm("tiny")
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["Human: Hi!\n\nAssistant:", "Human: How was your day?\n\nAssistant:", "Human: Any plans?\n\nAssistant:"]
+    sft = evaluate_policy("SFT", reference, reference, tok, prompts, max_new_tokens=8, seed=0)
+    dpo = evaluate_policy("DPO", policy, reference, tok, prompts, max_new_tokens=8, seed=0)
+    assert sft.log_ratios.abs().max() == 0 and sft.summary()["KL"] == 0
+    assert torch.equal(sft.rewards, sentiment_reward(sft.completions.replies))
+    torch.testing.assert_close(dpo.ref_logps, completion_logps(reference, dpo.completions, tok.eos_token_id))
+    rows = compare_to_baseline([sft, dpo], sft)
+    assert rows[0]["win rate vs SFT"] == 0.5 and rows[0]["win CI low"] == rows[0]["win CI high"] == 0.5
+    assert {"reward", "KL", "mean words", "distinct-2", "ref log-prob / token"} <= set(rows[1])
+    summary = dpo_summary("sentiment", 16, sft, dpo, [frontier_point("dpo", 0.1, dpo)], 0.6)
+    assert tuple(summary) == SUMMARY_KEYS and summary["source"] == "oracle-sentiment"
+    assert summary["n_eval_prompts"] == 3 and summary["frontier"][0]["kl"] == pytest.approx(dpo.log_ratios.mean())
+    low, high = summary["win_rate_ci"]
+    assert low <= summary["win_rate"] <= high
+    with pytest.raises(ValueError, match="needs the policy's tokenizer"):
+        evaluate_policy("DPO", policy, reference, None, prompts, 8)
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        evaluate_policy("DPO", policy, reference, tok, [], 8)
+
+
+def test_ipo_length_normalize_divides_each_log_ratio_by_the_completion_tokens():
+    batch = random_batch()
+    policy = tiny_lm()
+    chosen, rejected = concatenated_logps(policy, batch)
+    ref_c, ref_r = chosen.detach() - 1.0, rejected.detach() + 2.0
+    batch = {**batch, "reference_chosen_logps": ref_c, "reference_rejected_logps": ref_r}
+    tokens = batch["loss_mask"][:, 1:].sum(-1).float()
+    n_c, n_r = tokens[:3], tokens[3:]
+    loss, metrics = make_preference_loss_fn(0.5, loss=ipo_loss, length_normalize=True)(policy, batch)
+    expected, _, _ = ipo_loss(chosen / n_c, rejected / n_r, ref_c / n_c, ref_r / n_r, beta=0.5)
+    torch.testing.assert_close(loss, expected.mean())
+    summed, _ = make_preference_loss_fn(0.5, loss=ipo_loss)(policy, batch)
+    torch.testing.assert_close(summed, ipo_loss(chosen, rejected, ref_c, ref_r, beta=0.5)[0].mean())
+    assert not torch.isclose(loss, summed)
+    torch.testing.assert_close(metrics["logps/chosen"], chosen.detach().mean())  # logged: the summed log-probs
+
+
+def test_sentiment_source_config():
+    assert dpo_config("smoke", data_source="sentiment", sampled_pairs=8).sampled_pairs == 8
+    with pytest.raises(ValueError, match="sampled_pairs must be positive"):
+        dpo_config("smoke", sampled_pairs=0)
+    with pytest.raises(ValueError, match="sampled_pairs .* must cover one batch"):
+        dpo_config("smoke", sampled_pairs=1)
+    with pytest.raises(ValueError, match="length_normalize is an IPO option"):
+        dpo_config("smoke", length_normalize=True)
+    assert dpo_config("smoke", loss="ipo", length_normalize=True).length_normalize
+    base = dpo_config("smoke")
+    assert dpo_dir(dpo_config("smoke", eval_prompts=7)) == dpo_dir(base)  # evaluation only
+    assert dpo_dir(dpo_config("smoke", tie_margin=0.3)) != dpo_dir(base)  # other pairs

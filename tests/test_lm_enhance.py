@@ -2,6 +2,7 @@
 batched replies and the comparison config."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -118,7 +119,7 @@ def tiny_lm():
 
 
 def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
-    from fm.comparisons import sample_replies
+    from fm.generate import sample_replies
 
     model, tokenizer = tiny_lm
     prompts = ["Human: Hi!\n\nAssistant:", "Human: What is your favourite book and why?\n\nAssistant:"]
@@ -127,11 +128,71 @@ def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
     assert batched == single
 
 
-def test_reply_ends_where_the_next_turn_starts():
-    from fm.comparisons import TURN_HEADER
+class LikesLineBreaks(torch.nn.Module):
+    """A model whose logit of one line-break token is raised, so that some sampled replies end early."""
 
-    text = " Nice to meet you!\n\nHuman: and you?"
-    assert TURN_HEADER.split(text, maxsplit=1)[0].strip() == "Nice to meet you!"
+    def __init__(self, model, token: int):
+        super().__init__()
+        self.model, self.token, self.config = model, token, model.config
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        out.logits[..., self.token] += 8.0
+        return out
+
+
+def test_a_reply_is_one_line_and_its_ids_are_the_sampled_ones(tiny_lm):
+    from fm.generate import line_end_ids, sample_completions
+
+    model, tokenizer = tiny_lm
+    stop = set(line_end_ids(tokenizer))
+    assert tokenizer.eos_token_id in stop and tokenizer.encode("\n\n")[0] in stop
+    assert tokenizer.encode(" hi")[0] not in stop
+    prompts = [f"Human: message {i}\n\nAssistant:" for i in range(24)]
+    model = LikesLineBreaks(model, tokenizer.encode("\n\n")[0])
+    out = sample_completions(model, tokenizer, prompts, max_new_tokens=30, batch_size=8, seed=0)
+    assert len(out) == 24 and out.prompts == prompts
+    for prompt, ids, prompt_ids, reply in zip(out.prompts, out.completion_ids, out.prompt_ids, out.replies,
+                                              strict=True):
+        assert prompt_ids == tokenizer.encode(prompt)  # no padding kept
+        assert all(t not in stop for t in ids[:-1]) and (ids[-1] in stop or len(ids) == 30)
+        assert "\n" not in reply
+    assert any(ids[-1] in stop for ids in out.completion_ids)  # some replies do end before the limit
+    again = sample_completions(model, tokenizer, prompts, max_new_tokens=30, batch_size=8, seed=0)
+    assert again.completion_ids == out.completion_ids  # same seed, same samples
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        sample_completions(model, tokenizer, [], max_new_tokens=4)
+
+
+def test_generate_stops_at_any_of_several_stop_ids(tiny_lm):
+    from fm.generate import generate
+
+    model, _ = tiny_lm
+    prompt = torch.tensor([[1, 2, 3]])
+    free = generate(model, prompt, 6, temperature=0.0)[0, 3:].tolist()
+    stops = [free[2], 50_000]
+    stopped = generate(model, prompt, 6, temperature=0.0, eos_token_id=stops)[0, 3:].tolist()
+    first = next(i for i, t in enumerate(free) if t in stops)
+    assert stopped[: first + 1] == free[: first + 1] and set(stopped[first + 1 :]) <= {stops[0]}
+    with pytest.raises(ValueError, match="empty list"):
+        generate(model, prompt, 2, eos_token_id=[])
+
+
+def test_mean_ci_and_win_rate_arithmetic():
+    from fm.metrics import Z_95, mean_ci, win_rate, win_scores
+
+    mean, low, high = mean_ci([1.0, 2.0, 3.0, 4.0])
+    half = Z_95 * statistics.stdev([1, 2, 3, 4]) / 2
+    assert (mean, low, high) == pytest.approx((2.5, 2.5 - half, 2.5 + half))
+    assert win_scores([1.0, 0.0, 0.5, 0.2], [0.0, 0.0, 1.0, 0.1]).tolist() == [1.0, 0.5, 0.0, 1.0]  # a tie: half
+    rate, low, high = win_rate([1.0, 0.0, 0.5, 0.2], [0.0, 0.0, 1.0, 0.1])
+    assert rate == pytest.approx(0.625)
+    assert high - rate == pytest.approx(rate - low) == pytest.approx(Z_95 * statistics.stdev([1, 0.5, 0, 1]) / 2)
+    assert win_rate([0.3] * 5, [0.3] * 5) == (0.5, 0.5, 0.5)  # all ties: exactly one half, no spread
+    with pytest.raises(ValueError, match="same prompts"):
+        win_rate([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="at least 2 values"):
+        mean_ci([1.0])
 
 
 def test_kv_cache_benchmark_same_tokens(tiny_lm):
@@ -148,7 +209,8 @@ def test_kv_cache_benchmark_same_tokens(tiny_lm):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(variants=("dpo", "kto")), "unknown preference variants"),
+    (dict(variants=(("dpo", 0.1), ("kto", 0.1))), "unknown preference variants"),
+    (dict(variants=(("dpo", 0.0),)), "beta > 0"),
     (dict(ft_steps=0), "ft_steps"),
     (dict(label_smoothing=0.5), "label_smoothing"),
     (dict(cache_new_tokens=(0,)), "cache_new_tokens"),

@@ -1,6 +1,7 @@
 """Every notebook runs end to end in the `smoke` profile (a few steps each), so a broken notebook fails CI; the
 runner restarts a sequence, shows a notebook's own output and hides the kernel's transport warning."""
 
+import json
 import re
 from pathlib import Path
 
@@ -63,3 +64,13 @@ def test_pyproject_installs_the_packages_with_the_requirements():
     lines = [re.sub(r"\s*#.*", "", line) for line in (ROOT / "requirements.txt").read_text().splitlines()]
     assert sorted(declared) == sorted(line for line in lines if line)
     assert "torch==2.13.0" in declared
+
+
+def test_times_table_keeps_other_rows_and_replaces_a_rerun(tmp_path):
+    table = tmp_path / "times.md"
+    first, second = (p.name for p in list_notebooks()[:2])
+    run_notebooks.record_times(table, [(first, 10.0), (second, 20.0)])
+    run_notebooks.record_times(table, [(second, 5.4)])
+    assert run_notebooks.read_times(table) == {first: 10.0, second: 5.0}
+    assert table.read_text().splitlines()[-1] == "| total | 15 |"
+    assert json.loads(table.with_suffix(".json").read_text()) == {first: 10.0, second: 5.4, "total": 15.4}

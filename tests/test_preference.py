@@ -1,17 +1,24 @@
 import pytest
+import torch
 
 from fm.data import IGNORE_INDEX
 from fm.preference import (
     KINDS,
     brush_offs,
     chitchat_pairs,
+    chitchat_prompts,
     collate_pairs,
     is_scored,
+    label_pairs,
     load_preference_pairs,
+    resolve_pair_source,
+    sentiment_pairs,
     split_hh_row,
     tokenize_pair,
     tokenize_response,
+    weights_digest,
 )
+from fm.reward import sentiment_reward
 from fm.tokenizer import get_gpt2_tokenizer
 
 
@@ -101,3 +108,93 @@ def test_collate_pairs_puts_chosen_rows_first():
         assert batch["input_ids"][3 + i, : len(rejected["input_ids"])].tolist() == rejected["input_ids"]
     assert (batch["loss_mask"] <= batch["attention_mask"]).all()  # padding is never scored
     assert batch["loss_mask"].sum(1).tolist() == [2, 3, 4, 2, 2, 2]  # " good" x (i+1) + EOS, " bad" + EOS
+
+
+# ---------------------------------------------------------------------------------------------- on-policy pairs
+def test_label_pairs_prefers_the_higher_reward_and_drops_near_ties():
+    prompts = [f"Human: q{i}?\n\nAssistant:" for i in range(4)]
+    a, b = ["great!", "ok", "sad", "fine"], ["meh", "ok then", "happy", "fine too"]
+    pairs = label_pairs(prompts, a, b, torch.tensor([0.8, 0.0, -0.5, 0.30]), torch.tensor([0.1, 0.0, 0.6, 0.25]),
+                        margin=0.1)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("great!", "meh"), ("happy", "sad")]  # tie, near-tie out
+    assert [p["prompt"] for p in pairs] == [prompts[0], prompts[2]]
+    assert all(p["chosen_reward"] > p["rejected_reward"] and p["kind"] == "sentiment" for p in pairs)
+    assert len(label_pairs(prompts, a, b, torch.tensor([0.8, 0.0, -0.5, 0.3]), torch.tensor([0.1, 0.0, 0.6, 0.25]),
+                           margin=0.0)) == 3  # only the exact tie goes
+    with pytest.raises(ValueError, match="one reply and one reward per prompt"):
+        label_pairs(prompts, a[:3], b, torch.zeros(4), torch.zeros(4), 0.1)
+    with pytest.raises(ValueError, match="no prompts"):
+        label_pairs([], [], [], torch.zeros(0), torch.zeros(0), 0.1)
+
+
+def test_chitchat_prompts_are_single_turn_and_held_out():
+    train, val, test = (chitchat_prompts(split) for split in ("train", "validation", "test"))
+    assert len(train) > 10_000 and len(val) > 500 and len(test) > 500
+    assert not set(test) & set(val) and not set(test) & set(train) and not set(val) & set(train)
+    for p in test[:50]:
+        assert p.startswith("Human: ") and p.endswith("\n\nAssistant:") and p.count("Human:") == 1
+    assert chitchat_prompts("test") == test and chitchat_prompts("test", seed=1) != test
+    with pytest.raises(ValueError, match="split"):
+        chitchat_prompts("eval")
+
+
+@pytest.fixture
+def tiny_policy():
+    from fm.pretrained import load_lm
+
+    return load_lm("tiny", device="cpu", verbose=False)
+
+
+def test_sentiment_pairs_are_cached_and_resampled_for_another_policy(tiny_policy, tmp_path, monkeypatch):
+    import fm.preference as preference
+
+    monkeypatch.setenv("HW3_CACHE_DIR", str(tmp_path))
+    model, tokenizer = tiny_policy
+    settings = dict(max_new_tokens=12, margin=0.05, batch_size=8, seed=0)
+    pairs = sentiment_pairs(model, tokenizer, "train", 3, **settings)
+    assert len(pairs) == 3
+    for p in pairs:
+        assert p["chosen_reward"] - p["rejected_reward"] >= 0.05
+        assert sentiment_reward([p["chosen"], p["rejected"]]).tolist() == pytest.approx(
+            [p["chosen_reward"], p["rejected_reward"]])
+    files = list((tmp_path / "preference_pairs").glob("*.json"))
+    assert len(files) == 1
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached set of pairs was sampled again")
+
+    with monkeypatch.context() as m:
+        m.setattr(preference, "sample_completions", no_sampling)
+        assert sentiment_pairs(model, tokenizer, "train", 3, **settings) == pairs  # from the cache
+        assert sentiment_pairs(model, tokenizer, "train", 2, **settings) == pairs[:2]  # fewer: the first ones
+    more = sentiment_pairs(model, tokenizer, "train", 6, **settings)  # more: the missing batches only
+    assert more[:3] == pairs and len(more) == 6 and len(list((tmp_path / "preference_pairs").glob("*.json"))) == 1
+    with torch.no_grad():  # another SFT model: the cache must not answer for it
+        next(model.parameters()).add_(1e-3)
+    sentiment_pairs(model, tokenizer, "train", 3, **settings)
+    assert len(list((tmp_path / "preference_pairs").glob("*.json"))) == 2
+    with pytest.raises(ValueError, match="needs the policy's tokenizer"):
+        sentiment_pairs(model, None, "train", 3)
+    with pytest.raises(ValueError, match="must be positive"):
+        sentiment_pairs(model, tokenizer, "train", 0)
+
+
+def test_weights_digest_sees_any_change(tiny_policy):
+    model, _ = tiny_policy
+    before = weights_digest(model)
+    assert weights_digest(model) == before
+    with torch.no_grad():
+        list(model.parameters())[-1].view(-1)[0] += 1e-6
+    assert weights_digest(model) != before
+
+
+def test_auto_source_is_sentiment_offline(monkeypatch):
+    import fm.preference as preference
+
+    monkeypatch.setattr(preference, "hub_reachable", lambda: (False, "offline (test)"))
+    assert resolve_pair_source("auto") == "sentiment"
+    monkeypatch.setattr(preference, "hub_reachable", lambda: (True, "online (test)"))
+    assert resolve_pair_source("auto") == "hh"
+    assert resolve_pair_source("chitchat") == "chitchat"
+    with pytest.raises(ValueError, match="sampled from a policy"):
+        load_preference_pairs("train", source="sentiment")
