@@ -24,6 +24,7 @@ setup: $(VENV)/.installed
 # make figures PROFILE=full FROM=2_1  restarts the sequence at notebook 2_1 (finished training runs load)
 figures: $(VENV)/.installed
 	$(PY) -m common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
+	$(PY) -m course.report
 
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed

@@ -86,3 +86,15 @@ def ols(y: Tensor, features: list[Tensor]) -> tuple[Tensor, Tensor, float, float
     residual = y - x @ coef
     res_var = residual.pow(2).sum().item() / (n - p)
     return coef, (res_var * gram_inv.diagonal()).sqrt(), res_var, var_and_se(residual)[1]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval (lo, hi) of a binomial proportion successes / n (95 % for the default z); unlike the
+    normal approximation it stays inside [0, 1] and is not empty at 0 or n successes."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need n > 0 and 0 <= successes <= n, got successes={successes}, n={n}")
+    p = successes / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    # at 0 or n successes the bound is exactly 0 or 1 (the formula reaches it only up to round-off)
+    return 0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half

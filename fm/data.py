@@ -198,18 +198,21 @@ def load_dialogues(split: str, source: str = "auto") -> list[list[Turn]]:
 
 
 def resolve_source(source: str) -> str:
-    """The concrete source, "hh" or "chitchat", for `source`.
+    """The concrete source, "hh" or "chitchat", for `source` ("auto": `resolve_auto`)."""
+    return resolve_auto(source, ("hh", "chitchat"), "chitchat", "dialogues", "chitchat-dataset (offline)")
 
-    "auto" picks HH-RLHF when the Hugging Face hub is reachable (`common.hub.hub_reachable`: a 3 s probe, skipped
-    when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), else the offline chitchat data, and prints which and why.
-    """
-    if source not in ("auto", "hh", "chitchat"):
-        raise ValueError(f"unknown dialogue source {source!r}; choose 'auto', 'hh' or 'chitchat'")
+
+def resolve_auto(source: str, choices: Sequence[str], offline: str, what: str, offline_label: str) -> str:
+    """`source` when it is one of `choices`; for "auto", "hh" when the Hugging Face hub is reachable
+    (`common.hub.hub_reachable`: a 3 s probe, skipped when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set), else the
+    `offline` source. Prints which (`what`: HH-RLHF or `offline_label`) and why."""
+    if source != "auto" and source not in choices:
+        raise ValueError(f"unknown {what} source {source!r}; choose one of {('auto', *choices)}")
     if source != "auto":
         return source
     online, why = hub_reachable()
-    print(f"dialogues: {'HH-RLHF (' + HH_DATASET + ')' if online else 'chitchat-dataset (offline)'}: {why}")
-    return "hh" if online else "chitchat"
+    print(f"{what}: {'HH-RLHF (' + HH_DATASET + ')' if online else offline_label} ({why})")
+    return "hh" if online else offline
 
 
 def _hh_dialogues(split: str) -> list[list[Turn]]:

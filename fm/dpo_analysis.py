@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from common import cache_dir
-from common.io import atomic_save
+from common.io import atomic_save, merge_json
 from common.plotting import save_figure
 from fm.data import IGNORE_INDEX, collate
 from fm.dpo import PreferenceData, concatenated_logps, dpo_loss, pair_logps, reward_accuracy, sequence_logps
@@ -111,13 +111,19 @@ def rewards_by_kind(policy: nn.Module, data: PreferenceData, beta: float, batch_
                                                    beta=beta)
     accuracy = reward_accuracy(chosen_rewards, rejected_rewards)
     margin = chosen_rewards - rejected_rewards
-    likelihood = reward_accuracy(data.reference_chosen, data.reference_rejected)
+    likelihood = reference_preference(data)
     rows = []
     for kind in [*sorted(set(data.kinds)), "all"]:
         idx = torch.tensor([i for i, k in enumerate(data.kinds) if kind in (k, "all")])
         rows.append({"kind": kind, "pairs": len(idx), "reference_prefers_chosen": likelihood[idx].mean().item(),
                      "reward_acc": accuracy[idx].mean().item(), "mean_margin": margin[idx].mean().item()})
     return rows
+
+
+def reference_preference(data: PreferenceData) -> torch.Tensor:
+    """Per pair (N,): 1 where the reference alone gives the chosen reply the higher likelihood, 0.5 on a tie, else 0.
+    It reads the cached reference log-probs: no forward pass."""
+    return reward_accuracy(data.reference_chosen, data.reference_rejected)
 
 
 @torch.no_grad()
@@ -288,3 +294,17 @@ def dpo_summary(source: str, n_train_pairs: int, sft: PolicyEval, dpo: PolicyEva
     return {"source": SUMMARY_SOURCES[source], "n_train_pairs": n_train_pairs, "n_eval_prompts": len(sft.rewards),
             "win_rate": rate, "win_rate_ci": [low, high], "reward": rewards, "frontier": list(frontier),
             "val_reward_accuracy": val_reward_accuracy}
+
+
+def write_dpo_summary(path: str | Path, summary: dict) -> dict:
+    """Write `summary` (`dpo_summary`) to `path`, keeping the frontier points of an earlier summary of the same source
+    and evaluation prompts whose (method, beta) `summary` does not have: 1.3 writes its DPO point, 1.4 adds the other
+    losses and betas, and rerunning either keeps the other's points. Returns what was written."""
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    same_eval = all(old.get(k) == summary[k] for k in ("source", "n_eval_prompts"))
+    new_keys = {(p["method"], p["beta"]) for p in summary["frontier"]}
+    kept = [p for p in old.get("frontier", []) if same_eval and (p["method"], p["beta"]) not in new_keys]
+    out = {**summary, "frontier": sorted([*summary["frontier"], *kept], key=lambda p: (p["method"], p["beta"]))}
+    merge_json(path, out)
+    return out

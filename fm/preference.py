@@ -37,8 +37,17 @@ import torch
 from torch import nn
 
 from common import cache_dir
-from common.hub import hub_reachable
-from fm.data import IGNORE_INDEX, Turn, collate, format_prompt, load_dialogues, parse_dialogue, tokenize_dialogue
+from fm.data import (
+    HH_DATASET,
+    IGNORE_INDEX,
+    Turn,
+    collate,
+    format_prompt,
+    load_dialogues,
+    parse_dialogue,
+    resolve_auto,
+    tokenize_dialogue,
+)
 from fm.generate import sample_completions
 from fm.reward import sentiment_reward
 
@@ -46,7 +55,6 @@ Pair = dict[str, str | float]  # prompt, chosen, rejected, kind (str); sentiment
 SPLITS = ("train", "validation")
 SOURCES = ("auto", "hh", "chitchat", "sentiment")
 PROMPT_SPLITS = ("train", "validation", "test")
-HH_DATASET = "Anthropic/hh-rlhf"
 KINDS = ("rude", "repetitive", "off-topic")
 KIND_WEIGHTS = (0.4, 0.3, 0.3)
 # Rude or dismissive brush-offs. Every fourth one is kept for validation only.
@@ -67,15 +75,10 @@ def brush_offs(split: str) -> tuple[str, ...]:
 
 
 def resolve_pair_source(source: str) -> str:
-    """The concrete source for `source`: "auto" is "hh" when the hub answers (`common.hub.hub_reachable`), else
-    "sentiment"; it prints which and why. The others are returned as they are."""
-    if source not in SOURCES:
-        raise ValueError(f"unknown preference source {source!r}; choose one of {SOURCES}")
-    if source != "auto":
-        return source
-    online, why = hub_reachable()
-    print(f"preference pairs: {HH_DATASET if online else 'on-policy pairs labelled by the sentiment oracle'} ({why})")
-    return "hh" if online else "sentiment"
+    """The concrete source for `source`: "auto" is "hh" when the hub answers, else "sentiment"
+    (`fm.data.resolve_auto`, which prints which and why). The others are returned as they are."""
+    return resolve_auto(source, SOURCES[1:], "sentiment", "preference pairs",
+                        "on-policy pairs labelled by the sentiment oracle")
 
 
 def load_preference_pairs(split: str, source: str = "auto", limit: int | None = None, seed: int = 0) -> list[Pair]:

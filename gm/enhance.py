@@ -1,10 +1,10 @@
 """Task 2.4: measured enhancements of the latent diffusion model of task 2.3.
 
 Every experiment samples the same labels from the same start noise (one seed) and measures the images with the
-2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy, the classifier-feature Frechet distance to real
-test images, and wall time. Each runner returns table rows (dicts, for `common.plotting.markdown_table`): first
-the reference rows of `evaluate_ldm` (real test images, their VAE reconstructions; not timed), then one timed row
-per sampled setting.
+2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy and the classifier-feature Frechet distance to real
+test images (each with its 95 % CI), and wall time. Each runner returns table rows (dicts, for
+`common.plotting.markdown_table`): first the reference rows (real test images, their VAE reconstructions; not timed;
+`reference_rows` computes them once for all experiments, pass them as `refs`), then one timed row per setting.
 
 - `step_sweep`: DDIM with 10 ... 1000 steps, deterministic (eta = 0) and stochastic (eta = 1), and ancestral DDPM
   with all T steps -> a quality-vs-time curve;
@@ -32,7 +32,7 @@ from common.plotting import markdown_table, save_figure
 from gm.data import DATASETS
 from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
-from gm.ldm import LDMRun, evaluate_ldm, ldm_config, train_ldm
+from gm.ldm import LDMRun, References, evaluate_ldm, ldm_config, references, train_ldm
 
 # Retrained variants of the 2.3 model: name -> LDMConfig overrides (everything else, budget included, unchanged).
 VARIANTS = {
@@ -49,6 +49,7 @@ METRICS = ("cond. accuracy", "feature FD")
 class LDMEnhanceConfig:
     dataset: str = "mnist"
     samples_per_class: int = 10  # generated images per class in every measurement
+    ddpm_samples_per_class: int | None = None  # of the 1000-step DDPM sampler (None: samples_per_class)
     ddim_steps: tuple[int, ...] = (10, 20, 50, 100, 1000)
     ddim_etas: tuple[float, ...] = (0.0, 1.0)  # DDIM noise levels of the step sweep (0: deterministic, 1: DDPM-like)
     ddpm: bool = True  # add the ancestral DDPM sampler (all T steps) to the step sweep
@@ -67,7 +68,8 @@ class LDMEnhanceConfig:
         self.ddim_steps, self.ddim_etas = tuple(self.ddim_steps), tuple(self.ddim_etas)
         self.guidance_scales, self.variants = tuple(self.guidance_scales), tuple(self.variants)
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        check(self.samples_per_class >= 2, f"samples_per_class must be >= 2, got {self.samples_per_class}")
+        check(min(self.samples_per_class, self.ddpm_samples_per_class or 2) >= 2,
+              "samples_per_class and ddpm_samples_per_class must be >= 2")
         check(all(s >= 1 for s in (*self.ddim_steps, self.compare_steps)), "DDIM step counts must be >= 1")
         check(all(w >= 0 for w in (*self.guidance_scales, self.guidance_scale or 0)), "guidance scales must be >= 0")
         check(bool(self.ddim_etas) and all(eta >= 0 for eta in (*self.ddim_etas, self.compare_eta)),
@@ -79,9 +81,9 @@ class LDMEnhanceConfig:
 PRESETS = {
     "smoke": dict(profile="smoke", samples_per_class=2, ddim_steps=(2, 5), ddim_etas=(0.0,), ddpm=False,
                   guidance_scales=(0.0, 1.0, 2.0), compare_steps=5),
-    # 2-core CPU, a few minutes: 80 images per measurement (as in 2.3's quick table), one retrained variant.
-    "quick": dict(profile="quick", samples_per_class=8, ddim_steps=(10, 20, 50, 100),
-                  guidance_scales=(0.0, 1.0, 2.0, 4.0, 6.0), variants=("cosine schedule", "cosine + v-prediction")),
+    # 2-core CPU, a few minutes: 300 images per measurement (100 for DDPM-1000), one retrained variant.
+    "quick": dict(profile="quick", samples_per_class=30, ddpm_samples_per_class=10, ddim_steps=(10, 20, 50, 100),
+                  guidance_scales=(0.0, 1.0, 2.0, 4.0, 6.0), variants=("cosine schedule",)),
     "full": dict(profile="full", samples_per_class=100, ddim_steps=(10, 20, 50, 100, 250, 1000),
                  guidance_scales=(0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), variants=tuple(VARIANTS)),
 }
@@ -100,15 +102,28 @@ def load_baseline(cfg: LDMEnhanceConfig) -> LDMRun:
 # ------------------------------------------------------------------------------------------------- experiments
 
 
+def _with_counts(run: LDMRun, cfg: LDMEnhanceConfig) -> LDMRun:
+    """`run` with the experiment's sample counts."""
+    counts = dict(samples_per_class=cfg.samples_per_class,
+                  ddpm_samples_per_class=cfg.ddpm_samples_per_class or cfg.samples_per_class)
+    return dataclasses.replace(run, config=dataclasses.replace(run.config, progress=cfg.progress, **counts))
+
+
+def reference_rows(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> References:
+    """The reference features and baseline rows (as many real images as an experiment generates) that every
+    experiment of `cfg` on `run`'s VAE compares with: compute once, pass as `refs`."""
+    return references(_with_counts(run, cfg), classifier, 10 * cfg.samples_per_class, cfg.seed)
+
+
 def _measure(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, samplers: dict[str, dict],
-             use_ema: bool = True, fig_prefix: str | Path | None = None) -> tuple[list[dict], list[dict]]:
-    """`evaluate_ldm` with the experiment's sample count, seed and guidance: (reference rows (real test images,
+             use_ema: bool = True, fig_prefix: str | Path | None = None,
+             refs: References | None = None) -> tuple[list[dict], list[dict]]:
+    """`evaluate_ldm` with the experiment's sample counts, seed and guidance: (reference rows (real test images,
     their VAE reconstructions), one row per sampler in the order of `samplers`)."""
-    run = dataclasses.replace(run, config=dataclasses.replace(run.config, samples_per_class=cfg.samples_per_class,
-                                                              progress=cfg.progress))
+    run = _with_counts(run, cfg)
     if cfg.guidance_scale is not None:
         samplers = {name: {"guidance_scale": cfg.guidance_scale, **kwargs} for name, kwargs in samplers.items()}
-    rows = evaluate_ldm(run, classifier, samplers, fig_prefix=fig_prefix, use_ema=use_ema, seed=cfg.seed)
+    rows = evaluate_ldm(run, classifier, samplers, fig_prefix=fig_prefix, use_ema=use_ema, seed=cfg.seed, refs=refs)
     references, samples = rows[: -len(samplers)], rows[-len(samplers):]
     if len(samples) == 1:
         del samples[0]["speed-up"]  # relative to itself
@@ -119,13 +134,14 @@ def _ddim(steps: int, eta: float, **kwargs) -> dict:
     return {"sampler": "ddim", "steps": steps, "eta": eta, **kwargs}
 
 
-def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> list[dict]:
+def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
+               refs: References | None = None) -> list[dict]:
     """Quality vs sampling time: DDPM (all T steps; first, so "speed-up" is relative to it), then DDIM with each
     of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`. Rows: the references, then one per
     sampler with "steps" and (DDIM) "eta" columns."""
     samplers = {"ddpm": {"sampler": "ddpm"}} if cfg.ddpm else {}
     samplers |= {f"ddim{s}_eta{eta:g}": _ddim(s, eta=eta) for eta in cfg.ddim_etas for s in cfg.ddim_steps}
-    references, samples = _measure(run, classifier, cfg, samplers)
+    references, samples = _measure(run, classifier, cfg, samplers, refs=refs)
     for row, kwargs in zip(samples, samplers.values(), strict=True):
         row["steps"] = kwargs.get("steps", run.config.timesteps)
         if "eta" in kwargs:
@@ -134,23 +150,24 @@ def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> li
 
 
 def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
-                   fig_prefix: str | Path | None = None) -> list[dict]:
+                   fig_prefix: str | Path | None = None, refs: References | None = None) -> list[dict]:
     """Classifier-free guidance eps_u + w (eps_c - eps_u) for each w in `cfg.guidance_scales`, DDIM with
     `cfg.compare_steps` steps and noise `cfg.compare_eta`. With `fig_prefix`, a class grid per scale:
     `{fig_prefix}_w{w:g}.png`."""
     samplers = {f"w{w:g}": _ddim(cfg.compare_steps, cfg.compare_eta, guidance_scale=w) for w in cfg.guidance_scales}
-    references, samples = _measure(run, classifier, cfg, samplers, fig_prefix=fig_prefix)
+    references, samples = _measure(run, classifier, cfg, samplers, fig_prefix=fig_prefix, refs=refs)
     return references + samples
 
 
-def weights_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig) -> list[dict]:
+def weights_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
+                       refs: References | None = None) -> list[dict]:
     """The same run sampled with its EMA weights and with its raw (last-step) weights, plus the final
     fixed-noise validation loss of each. Rows: the references, EMA, raw."""
     last_eval = run.eval_rows[-1] if run.eval_rows else {}
     rows = []
     for use_ema, label, loss_key in ((True, "EMA", "val_loss_ema"), (False, "raw", "val_loss")):
         sampler = {"ddim": _ddim(cfg.compare_steps, cfg.compare_eta)}
-        references, (sample,) = _measure(run, classifier, cfg, sampler, use_ema=use_ema)
+        references, (sample,) = _measure(run, classifier, cfg, sampler, use_ema=use_ema, refs=refs)
         rows = rows or [{"weights": "-", **r} for r in references]
         rows.append({"weights": label, **sample, "val. loss": last_eval.get(loss_key, math.nan)})
     return rows
@@ -170,7 +187,7 @@ def training_seconds(run: LDMRun) -> float:
 
 
 def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
-                       fig_prefix: str | Path | None = None) -> list[dict]:
+                       fig_prefix: str | Path | None = None, refs: References | None = None) -> list[dict]:
     """The 2.3 model against each variant of `cfg.variants`, trained with the same budget and sampled identically
     (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.ddim_etas`. Rows: the references, then
     one per (model, eta). With `fig_prefix`, class grids `{fig_prefix}_{model}_eta{eta}.png`."""
@@ -179,7 +196,7 @@ def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfi
     for name, r in runs.items():
         prefix = None if fig_prefix is None else f"{fig_prefix}_{re.sub(r'[^a-z0-9.]+', '_', name)}"
         samplers = {f"eta{eta:g}": _ddim(cfg.compare_steps, eta) for eta in cfg.ddim_etas}
-        references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix)
+        references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix, refs=refs)
         rows = rows or [{"model": "-", **row} for row in references]
         for sample, kwargs in zip(samples, samplers.values(), strict=True):
             sample.pop("speed-up", None)
@@ -187,6 +204,15 @@ def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfi
                          "train steps": r.config.steps, "train seconds": training_seconds(r), "eta": kwargs["eta"],
                          **sample})
     return rows
+
+
+def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]:
+    """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, fd_ci, images_per_s}} for
+    fig/part2_summary.json; a row's label joins its `label_keys` values with "_" (e.g. "DDIM-50_1" for
+    ("images from", "eta"))."""
+    return {"_".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in label_keys if k in r): {
+        "n": r["n"], "cond_acc": r["cond. accuracy"], "cond_acc_ci": list(r["acc. 95% CI"]), "fd": r["feature FD"],
+        "fd_ci": list(r["FD 95% CI"]), "images_per_s": r["images/s"]} for r in _split(rows)[1]}
 
 
 # ------------------------------------------------------------------------------------------------- figures

@@ -1,8 +1,12 @@
-"""The solutions' 1-D Gaussian exercise: reverse sampling with only the conditional mean vs DDPM vs DDIM.
+"""The solutions' 1-D Gaussian exercise (a)-(h): reverse sampling with only the conditional mean vs DDPM vs DDIM.
 
-Data X_0 ~ N(0, sigma^2) under the variance-exploding forward process X_t = X_0 + W_t on [0, 1]. From X_1 ~ N(0, 1),
-the conditional mean alone gives samples with variance ~ sigma^4 (far too narrow), DDPM (either noise variance) and
-DDIM ~ sigma^2. Every sampler is linear, so the finite-step variance is also computed exactly. Float64, seeded.
+Data X_0 ~ N(0, sigma^2) under the variance-exploding forward process X_t = X_0 + W_t on [0, 1]. (a)-(c) the forward
+marginals and the one-step reverse conditional, simulated step by step (`forward_checks`); (d), (e), (h) from
+X_1 ~ N(0, 1), the conditional mean alone gives samples with variance ~ sigma^4 (far too narrow), DDPM (either noise
+variance) and DDIM ~ sigma^2; every sampler is linear, so the finite-step variance is also computed exactly
+(`gaussian_reverse_experiment`); (f) the regression that trains g(x_t, t) has the ideal denoiser
+sigma^2 / (sigma^2 + t) x_t as its minimiser (`denoiser_regression_checks`); (g) eta(t, dt) = 1/2 + dt/(8t) + O(dt^2)
+(`eta_expansion_checks`). Float64, seeded.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from common.checks import DTYPE, Check, randn, seeded_generator, var_and_se
+from common.checks import DTYPE, Check, ols, randn, seeded_generator, var_and_se
 from common.plotting import save_figure
 
 REVERSE_SAMPLERS = ("mean only", "DDPM, noise var dt", "DDPM, exact posterior var", "DDIM")
@@ -143,3 +147,67 @@ def plot_gaussian_reverse(result: GaussianReverseResult, sigma2: float, path, ti
     right.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
+
+
+def forward_checks(sigma2: float, steps: int, n: int, times: tuple[float, ...] = (0.1, 0.5), seed: int = 0
+                   ) -> list[Check]:
+    """(a)-(c): n chains X_0 ~ N(0, sigma2) plus `steps` increments N(0, dt) on [0, 1], simulated step by step.
+    Var X_1 = sigma2 + 1 (a) and Var X_t = sigma2 + t (b); regressing X_{t-dt} on X_t gives the slope
+    (sigma2 + t - dt) / (sigma2 + t) and residual variance (sigma2 + t - dt) dt / (sigma2 + t) = dt (1 - dt / (sigma2 +
+    t)) ~ dt (c)."""
+    g = seeded_generator(seed)
+    dt = 1.0 / steps
+    marks = {round(t * steps): t for t in times}
+    x = sigma2**0.5 * randn(n, g)
+    checks = []
+    for k in range(1, steps + 1):
+        previous, x = x, x + dt**0.5 * randn(n, g)
+        if k in marks:
+            t = marks[k]
+            var, var_se = var_and_se(x)
+            coef, coef_se, res_var, res_se = ols(previous, [x])
+            checks += [Check("Gauss 1-D", f"(b) Var X_t = sigma^2 + t, t={t:g}", sigma2 + t, var, var_se),
+                       Check("Gauss 1-D", f"(c) slope of E[X_(t-dt) | X_t], t={t:g}", (sigma2 + t - dt) / (sigma2 + t),
+                             coef[0].item(), coef_se[0].item()),
+                       Check("Gauss 1-D", f"(c) Var(X_(t-dt) | X_t) / dt, t={t:g} (approx. 1)",
+                             1 - dt / (sigma2 + t), res_var / dt, res_se / dt)]
+    var, var_se = var_and_se(x)
+    return [Check("Gauss 1-D", f"(a) Var X_1 = sigma^2 + 1, T={steps}", sigma2 + 1, var, var_se), *checks]
+
+
+def denoiser_regression_checks(sigma2: float, n: int, times: tuple[float, ...] = (0.05, 0.25, 0.5, 0.9),
+                               n_data: int = 1000, seed: int = 0) -> list[Check]:
+    """(f) the training recipe of g(x_t, t): a data set s_1..s_n_data ~ N(0, sigma2); a batch draws a time t_i, a
+    data point s_l (uniform index) and z_i ~ N(0, t_i); input (t_i, x_i = s_l + z_i), target s_l, squared loss.
+    The loss's minimiser is pointwise in t, E[X_0 | X_t = x] = sigma2 / (sigma2 + t) x, so the check draws t_i from
+    a few fixed `times` (for t ~ U(0, 1) each t is such a regression) and fits s on (x, x^3) by least squares at
+    each: the x coefficient is sigma2 / (sigma2 + t), the x^3 coefficient 0 (the conditional mean is linear) and the
+    residual variance, the loss at the minimiser, Var(X_0 | X_t) = sigma2 t / (sigma2 + t). sigma2 is the data set's
+    own second moment, which is all a fit to it can see."""
+    g = seeded_generator(seed)
+    data = sigma2**0.5 * randn(n_data, g)
+    s2 = data.pow(2).mean().item()
+    per_time = n // len(times)
+    checks = []
+    for t in times:
+        s = data[torch.randint(n_data, (per_time,), generator=g)]
+        x = s + math.sqrt(t) * randn(per_time, g)
+        coef, se, res_var, res_se = ols(s, [x, x**3])
+        checks += [Check("Gauss 1-D", f"(f) fitted coefficient of x_t, t={t:g}", s2 / (s2 + t), coef[0].item(),
+                         se[0].item()),
+                   Check("Gauss 1-D", f"(f) fitted coefficient of x_t^3, t={t:g}", 0.0, coef[1].item(), se[1].item()),
+                   Check("Gauss 1-D", f"(f) loss at the minimiser = Var(X_0 | X_t), t={t:g}", s2 * t / (s2 + t),
+                         res_var, res_se)]
+    return checks
+
+
+def eta_expansion_checks(ratios: tuple[float, ...] = (1e-1, 1e-2, 1e-3)) -> list[Check]:
+    """(g) eta(t, dt) = sqrt(t) / (sqrt(t - dt) + sqrt(t)) = 1 / (1 + sqrt(1 - h)) with h = dt / t; the expansion
+    1/2 + h/8 leaves h^2/16 + O(h^3), so (eta - 1/2 - h/8) / h^2 -> 1/16; the DDIM step is then
+    x_t (1 - dt / (2 (sigma^2 + t)) - dt^2 / (8 t (sigma^2 + t)))."""
+    checks = []
+    for h in ratios:
+        eta = 1 / (1 + math.sqrt(1 - h))
+        checks.append(Check("Gauss 1-D", f"(g) (eta - 1/2 - dt/(8t)) / (dt/t)^2, dt/t={h:g}", 1 / 16,
+                            (eta - 0.5 - h / 8) / h**2, tol=h))
+    return checks

@@ -1,9 +1,12 @@
 """One trainer for the VAE (task 2.1) and the VAE + PatchGAN (task 2.2), plus evaluation and the VAE loader
 that the latent diffusion model uses.
 
-Loss of the VAE step: MSE(recon, x) + kl_weight * KL(q(z|x) || N(0, I)) [+ gan_weight * G-hinge(D(recon))
-from step `gan_loss_start` on]. When gan_weight > 0 a second step per iteration trains the discriminator with
-the hinge loss on real images vs. detached reconstructions. Both steps run inside `common.trainer.Trainer`.
+Loss of the VAE step, per image and averaged over the batch (the ELBO's convention, see `gm.loss`):
+||recon - x||^2 + kl_weight * KL(q(z|x) || N(0, I)) [+ gan_weight * d * G-hinge(D(recon)) from step
+`gan_loss_start` on, with d = 1 ("fixed") or taming's adaptive weight ("adaptive")]. When gan_weight > 0 a second
+step per iteration trains the discriminator with the hinge loss on real images vs. detached reconstructions. Both
+steps run inside `common.trainer.Trainer`. `gan_config` gives the 2.2 runs: warm-started from the 2.1 VAE of the
+same kl_weight, adversarial from their first step (taming's `disc_start` at the end of autoencoder training).
 """
 
 from __future__ import annotations
@@ -16,21 +19,21 @@ from pathlib import Path
 import torch
 
 from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common.checks import mean_and_se
 from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
-from gm.loss import d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
+from gm.loss import adaptive_gan_weight, d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator
 
 # KL weight of the VAE that `load_or_train_vae` hands to the latent diffusion model. A latent diffusion model
 # learns the latent distribution itself, so the VAE need not match the N(0, I) prior; it must keep the images'
-# content. Measured in notebook 2_1 (quick): at 1e-6 the latent carries ~460 nats (test MSE 0.0105 on CIFAR-10,
-# recognisable reconstructions) and the posterior means have a std of ~0.9, i.e. already about unit scale;
-# at 1e-3 only ~8 nats survive (MSE 0.027, blurry) and most latent channels are prior noise.
+# content, which the nearly-free latent of kl_weight 1e-6 does best (notebook 2_1's table: the highest PSNR).
 LDM_KL_WEIGHT = 1e-6
+GAN_MODES = ("fixed", "adaptive")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class VAEConfig:
     kl_weight: float = 1e-3
     gan_weight: float = 0.0
     gan_loss_start: int = 0  # first step with the GAN term (and the discriminator's first update)
+    gan_mode: str = "fixed"  # "fixed": gan_weight * G; "adaptive": gan_weight * taming's adaptive weight * G
+    warm_start: bool = False  # start the VAE from the trained 2.1 run of the same kl_weight (`base_config`)
     # model
     z_channels: int = 3
     num_channels: int = 32
@@ -72,6 +77,7 @@ class VAEConfig:
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         check(self.kl_weight >= 0 and self.gan_weight >= 0, "kl_weight and gan_weight must be >= 0")
         check(self.gan_loss_start >= 0, f"gan_loss_start must be >= 0, got {self.gan_loss_start}")
+        check(self.gan_mode in GAN_MODES, f"gan_mode must be one of {GAN_MODES}, got {self.gan_mode!r}")
         check(self.steps is None or self.steps > 0, f"steps must be positive (or None for epochs), got {self.steps}")
         check(self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be positive")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -98,19 +104,48 @@ PRESETS = {
     # CI: a handful of steps on a tiny model.
     "smoke": dict(profile="smoke", steps=4, batch_size=8, num_channels=8, disc_channels=8, warmup_steps=1,
                   lr=1e-3, disc_lr=1e-3, eval_interval=0, eval_size=16, gan_loss_start=2),
-    # CPU minutes: a run costs ~20 CPU-seconds, so the six runs of a notebook take a few minutes on 2 cores.
-    "quick": dict(profile="quick", steps=300, batch_size=16, num_channels=16, disc_channels=16, warmup_steps=20,
-                  lr=1e-3, disc_lr=5e-4, eval_interval=50, eval_size=256, gan_loss_start=100),
+    # CPU minutes; batch and width chosen by the images/s measured per CPU-second (see report 2.1); the steps per
+    # data set are in DATASET_PRESETS.
+    "quick": dict(profile="quick", batch_size=64, num_channels=16, disc_channels=16, warmup_steps=50,
+                  lr=2e-3, disc_lr=2e-4, eval_interval=250, eval_size=256, gan_loss_start=0, grad_clip=None),
     # The homework: 10 epochs on a GPU.
     "full": dict(profile="full", epochs=10.0, batch_size=128, num_channels=64, disc_channels=64, warmup_steps=200,
                  lr=2e-4, disc_lr=2e-4, eval_interval=500, eval_size=2000, gan_loss_start=2000, ema_decay=0.999,
                  log_interval=10),
 }
+# MNIST reaches its targets in fewer steps, so the quick budget goes mostly to CIFAR-10 (whose test error
+# flattens after ~500 steps at kl_weight <= 1e-3: the eval curves of notebook 2_1).
+DATASET_PRESETS = {"quick": {"mnist": dict(steps=300), "cifar10": dict(steps=700)}}
+# The adversarial phase of 2.2 (`gan_config`), after the 2.1 VAE: a lower VAE learning rate, since it fine-tunes;
+# in the quick profile D learns as fast as the VAE, so that it has a say within a short phase.
+GAN_PRESETS = {
+    "smoke": dict(steps=4, warmup_steps=1),
+    "quick": dict(steps=200, lr=5e-4, disc_lr=5e-4, warmup_steps=20, eval_interval=0),
+    "full": dict(epochs=10.0, lr=1e-4, warmup_steps=200),
+}
 
 
 def vae_config(dataset: str, profile: str | None = None, **overrides) -> VAEConfig:
     """The preset of `profile` (default $HW3_PROFILE) for `dataset`, with overrides (unknown keys are rejected)."""
-    return make_config(VAEConfig, PRESETS, get_profile(profile), dataset=dataset, **overrides)
+    profile = get_profile(profile)
+    dataset_preset = DATASET_PRESETS.get(profile, {}).get(dataset, {})
+    return make_config(VAEConfig, PRESETS, profile, dataset=dataset, **{**dataset_preset, **overrides})
+
+
+def gan_config(kl_weight: float, gan_weight: float, profile: str | None = None, dataset: str = "cifar10",
+               **overrides) -> VAEConfig:
+    """A 2.2 run: the 2.1 VAE of `kl_weight` (warm start) trained further with the GAN term from its first step on
+    (gan_weight 0: the same steps without D, the control). The adversarial schedule is `GAN_PRESETS[profile]`."""
+    profile = get_profile(profile)
+    return vae_config(dataset, profile, kl_weight=kl_weight, gan_weight=gan_weight, warm_start=True,
+                      gan_loss_start=0, **{**GAN_PRESETS[profile], **overrides})
+
+
+def base_config(cfg: VAEConfig) -> VAEConfig:
+    """The 2.1 run a warm-started `cfg` starts from: the profile's VAE of the same data set, kl_weight and
+    architecture (with the preset's architecture this is exactly notebook 2_1's run)."""
+    arch = {k: getattr(cfg, k) for k in ("z_channels", "num_channels", "ch_mult", "num_res_blocks", "seed")}
+    return vae_config(cfg.dataset, cfg.profile, kl_weight=cfg.kl_weight, **arch)
 
 
 def build_vae(cfg: VAEConfig) -> VAE:
@@ -142,6 +177,11 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     steps = cfg.num_steps(len(train_images))
 
     vae = build_vae(cfg).to(device)
+    if cfg.warm_start:
+        base = base_config(cfg)
+        base_path = checkpoint_dir() / "vae" / base.run_name() / "model.pt"
+        base_vae = load_vae(base_path) if base_path.is_file() else train_vae(base, resume=True).vae
+        vae.load_state_dict(base_vae.state_dict())
     modules: dict[str, torch.nn.Module] = {"vae": vae}
     optimizers = {"vae": torch.optim.Adam(vae.parameters(), lr=cfg.lr)}
     disc = None
@@ -157,21 +197,25 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
                       device=device, bf16=cfg.bf16, desc=cfg.run_name(), progress=cfg.progress,
                       log_interval=cfg.log_interval)
 
+    last_layer = vae.decoder.net[-1].weight  # where taming measures the two gradients
+
     def step_fn(step: int) -> Metrics:
         x = to_float(train_images[batch_indices(len(train_images), cfg.batch_size, step, cfg.seed).to(device)])
         gan_on = cfg.use_gan and step >= cfg.gan_loss_start
         with trainer.autocast():
             recon, mean, logvar = vae(x)
-            mse = reconstruction_loss(recon.float(), x)
+            rec = reconstruction_loss(recon.float(), x)
             kl = kl_divergence(mean.float(), logvar.float()).mean()
-            loss = mse + cfg.kl_weight * kl
-            metrics = {"recon_loss": mse.detach(), "kl": kl.detach()}
+            loss = rec + cfg.kl_weight * kl
+            metrics = {"recon_loss": rec.detach(), "kl": kl.detach()}
             if gan_on:
                 disc.requires_grad_(False)  # the generator step must not leave gradients in D
                 g_loss = g_hinge_loss(disc(recon).float())
                 disc.requires_grad_(True)
-                loss = loss + cfg.gan_weight * g_loss
-                metrics["g_loss"] = g_loss.detach()
+                d_weight = (adaptive_gan_weight(rec, g_loss, last_layer) if cfg.gan_mode == "adaptive"
+                            else torch.ones((), device=device))
+                loss = loss + cfg.gan_weight * d_weight * g_loss
+                metrics |= {"g_loss": g_loss.detach(), "d_weight": d_weight}
         loss.backward()
         metrics["loss"] = loss.detach()
         metrics["grad_norm"] = trainer.optimizer_step("vae")
@@ -188,7 +232,7 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     def eval_fn(step: int) -> Metrics:
         model = ema["vae"].shadow if ema else vae
         recon, mean, logvar = model(eval_images)
-        return {"test_recon_mse": reconstruction_loss(recon, eval_images).item(),
+        return {"test_recon_error": reconstruction_loss(recon, eval_images).item(),
                 "test_kl": kl_divergence(mean, logvar).mean().item()}
 
     trainer.fit(step_fn, eval_fn, resume=resume)
@@ -243,36 +287,50 @@ def sharpness(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(vae: VAE, dataset: str, num_images: int | None = None, batch_size: int = 500,
              seed: int = 0) -> dict[str, float]:
-    """Test-set metrics of a VAE on `num_images` test images (all if None; see `_test_images`), 32x32 as trained:
+    """Test-set metrics of a VAE on n = `num_images` test images (all if None; see `_test_images`), 32x32 as trained.
 
-    - `recon_mse`: per-pixel MSE of the reconstruction decoded from the posterior mean (what the figures show);
-    - `kl`: KL(q(z|x) || N(0, I)) in nats per image;
-    - `neg_elbo`: negative ELBO in nats per image, with one posterior sample and a Gaussian decoder
-      N(recon, s^2 I) whose variance s^2 is set to that sample's test MSE (its maximum-likelihood value);
-    - `sharpness_ratio`: mean gradient magnitude of reconstructions / that of the inputs (1 = as sharp).
+    Per image, then averaged over the n images (each `*_ci95` is the half-width of a normal 95 % interval):
+    - `recon_error`: squared error summed over pixels and channels, decoded from the posterior mean (the training
+      loss's convention, `reconstruction_loss`; what the figures show);
+    - `psnr_db`: 10 log10(1 / per-pixel MSE) of that reconstruction (pixels in [0, 1]);
+    - `kl_nats`: KL(q(z|x) || N(0, I));
+    - `neg_elbo_nats`: -ELBO = E_q[-log p(x|z)] + KL under the Gaussian decoder p(x|z) = N(decode(z), 1/2 I) that
+      kl_weight = 1 trains, i.e. sum of squared errors + (D / 2) log(pi), with one posterior sample z; a density
+      of continuous pixel values in [0, 1] (D = C * 32 * 32 values), so it is not comparable to discrete-data
+      likelihoods; `neg_elbo_bpd` = neg_elbo_nats / (D ln 2);
+    - `sharpness`: mean gradient magnitude of the reconstructions (`sharpness`); `sharpness_ratio`: that over the
+      inputs' (1 = as sharp as the data).
     """
     device = next(vae.parameters()).device
     images = _test_images(dataset, num_images, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = vae.training
     vae.eval()
-    sums = dict.fromkeys(("sq_err_mean", "sq_err_sample", "kl", "sharp_recon", "sharp_input"), 0.0)
+    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("recon_error", "psnr_db", "kl_nats", "neg_elbo_nats")}
+    sharp_recon = sharp_input = 0.0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
         mean, logvar = vae.encode(x)
         recon = vae.decode(mean)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
-        sums["sq_err_mean"] += (recon - x).pow(2).flatten(1).mean(1).sum().item()
-        sums["sq_err_sample"] += (vae.decode(z) - x).pow(2).flatten(1).mean(1).sum().item()
-        sums["kl"] += kl_divergence(mean, logvar).sum().item()
-        sums["sharp_recon"] += sharpness(recon).sum().item()
-        sums["sharp_input"] += sharpness(x).sum().item()
+        sq_err = (recon - x).pow(2).flatten(1)
+        kl = kl_divergence(mean, logvar)
+        per_image["recon_error"].append(sq_err.sum(1))
+        per_image["psnr_db"].append(-10 * torch.log10(sq_err.mean(1).clamp(min=1e-10)))
+        per_image["kl_nats"].append(kl)
+        sample_err = (vae.decode(z) - x).pow(2).flatten(1).sum(1)
+        per_image["neg_elbo_nats"].append(sample_err + 0.5 * x[0].numel() * math.log(math.pi) + kl)
+        sharp_recon += sharpness(recon).sum().item()
+        sharp_input += sharpness(x).sum().item()
     vae.train(was_training)
     n, dims = len(images), images[0].numel()
-    kl, mse_sample = sums["kl"] / n, sums["sq_err_sample"] / n
-    neg_log_lik = 0.5 * dims * (1.0 + math.log(2 * math.pi * mse_sample))
-    return {"recon_mse": sums["sq_err_mean"] / n, "kl": kl, "neg_elbo": neg_log_lik + kl,
-            "sharpness_ratio": sums["sharp_recon"] / sums["sharp_input"]}
+    out: dict[str, float] = {"n": n}
+    for key, chunks in per_image.items():
+        mean_value, se = mean_and_se(torch.cat(chunks).double())
+        out[key], out[f"{key}_ci95"] = mean_value, 1.96 * se
+    out["neg_elbo_bpd"] = out["neg_elbo_nats"] / (dims * math.log(2))
+    out["sharpness"], out["sharpness_ratio"] = sharp_recon / n, sharp_recon / sharp_input
+    return out
 
 
 @torch.no_grad()

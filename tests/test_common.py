@@ -173,3 +173,13 @@ def test_merge_json_keeps_the_keys_an_update_does_not_name(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(TypeError, match="JSON objects"):
         merge_json(path, {"a": 1})
+
+
+def test_wilson_interval_hand_computed_and_at_the_edges():
+    from common.checks import wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # p = 0.8, z = 1.96: centre 0.7166, half-width 0.2232 (textbook values)
+    assert abs(lo - 0.4902) < 1e-3 and abs(hi - 0.9433) < 1e-3
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(6, 5)

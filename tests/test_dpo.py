@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import pytest
@@ -348,3 +349,19 @@ def test_sentiment_source_config():
     base = dpo_config("smoke")
     assert dpo_dir(dpo_config("smoke", eval_prompts=7)) == dpo_dir(base)  # evaluation only
     assert dpo_dir(dpo_config("smoke", tie_margin=0.3)) != dpo_dir(base)  # other pairs
+
+
+def test_dpo_summary_file_keeps_the_other_notebooks_frontier_points(tmp_path):
+    from fm.dpo_analysis import write_dpo_summary
+
+    def summary(points, source="oracle-sentiment"):
+        return {"source": source, "n_eval_prompts": 200, "win_rate": 0.7, "frontier": points}
+
+    path = tmp_path / "dpo_summary.json"
+    dpo = {"method": "dpo", "beta": 0.1, "kl": 4.0, "reward": 0.7}
+    ipo = {"method": "ipo", "beta": 0.1, "kl": 3.0, "reward": 0.6}
+    write_dpo_summary(path, summary([dpo, ipo]))  # 1.4: every point
+    out = write_dpo_summary(path, summary([{**dpo, "kl": 4.5}]))  # 1.3 rerun: its own point replaces its old one
+    assert out["frontier"] == [{**dpo, "kl": 4.5}, ipo]
+    assert json.loads(path.read_text())["frontier"] == out["frontier"]
+    assert write_dpo_summary(path, summary([dpo], source="hh-rlhf"))["frontier"] == [dpo]  # other data: start over

@@ -1,4 +1,5 @@
-"""Evaluation: Frechet distance against closed forms, accuracy, the cached classifier, timing."""
+"""Evaluation: Frechet distance against closed forms, its bootstrap interval, the Wilson interval, accuracy, the
+augmentation, the cached classifier, timing."""
 
 import pytest
 import torch
@@ -6,11 +7,15 @@ import torch
 from gm.eval import (
     Classifier,
     accuracy,
+    bootstrap_frechet_interval,
+    classifier_config,
     frechet_distance,
     frechet_distance_from_stats,
     load_or_train_classifier,
     predict,
+    random_translate,
     timed,
+    wilson_interval,
 )
 
 
@@ -40,10 +45,10 @@ def test_frechet_distance_on_samples():
 
 
 def test_accuracy_and_predict_agree():
-    model = Classifier(1, width=4, feature_dim=8).eval()
+    model = Classifier(1, width=4).eval()
     images = torch.rand(30, 1, 32, 32)
     logits, feats = predict(model, images, batch_size=7)
-    assert logits.shape == (30, 10) and feats.shape == (30, 8)
+    assert logits.shape == (30, 10) and feats.shape == (30, model.feature_dim) and model.feature_dim == 16
     labels = logits.argmax(1)
     assert accuracy(model, images, labels) == 1.0
     assert accuracy(model, images, (labels + 1) % 10) == 0.0
@@ -53,11 +58,78 @@ def test_accuracy_and_predict_agree():
         model(torch.rand(2, 3, 32, 32))
 
 
+def test_flip_tta_features_are_mirror_invariant_in_eval_mode():
+    model = Classifier(3, width=4, flip_tta=True).eval()
+    images = torch.rand(5, 3, 32, 32)
+    torch.testing.assert_close(predict(model, images)[1], predict(model, images.flip(-1))[1])
+    plain = Classifier(3, width=4).eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(predict(plain, images)[1], predict(plain, images.flip(-1))[1])
+
+
+def test_wilson_interval_reference_values():
+    # Wilson (1927) / Newcombe (1998) 95 % intervals: 5/10 -> [0.2366, 0.7634], 0/10 -> [0, 0.2775].
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    lo, hi = wilson_interval(970, 1000)  # close to the normal approximation for large n
+    half = 1.96 * (0.97 * 0.03 / 1000) ** 0.5
+    assert lo < 0.97 < hi and (hi - lo) / 2 == pytest.approx(half, rel=0.05)
+    assert str(wilson_interval(5, 10)) == "[0.2366, 0.7634]"
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)
+
+
+def test_wilson_interval_covers_the_true_rate():
+    gen = torch.Generator().manual_seed(0)
+    n, p, trials = 200, 0.9, 2000
+    hits = torch.binomial(torch.full((trials,), float(n)), torch.full((trials,), p), generator=gen).long()
+    covered = sum(lo <= p <= hi for lo, hi in (wilson_interval(int(k), n) for k in hits))
+    assert 0.93 <= covered / trials <= 0.97  # nominal 95 %
+
+
+def test_bootstrap_interval_of_the_frechet_distance_covers_the_known_answer():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, 4, generator=gen), torch.randn(4000, 4, generator=gen)
+    shifted = b + torch.tensor([2.0, 0, 0, 0])  # true distance 4
+    lo, hi = bootstrap_frechet_interval(a, shifted, resamples=100)
+    assert lo < frechet_distance(a, shifted) < hi and lo < 4.0 < hi and hi - lo < 0.6
+    lo, hi = bootstrap_frechet_interval(a, 3 * b, resamples=100)  # true distance 4 * (3 - 1)^2 = 16
+    assert lo < 16.0 < hi
+    # fewer samples, a wider interval; the same seed, the same interval
+    small = bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100)
+    assert small.hi - small.lo > hi - lo or small.hi - small.lo > 0.6
+    assert bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100) == small
+    with pytest.raises(ValueError, match="resamples"):
+        bootstrap_frechet_interval(a, b, resamples=2)
+
+
+def test_random_translate_shifts_each_image_by_at_most_pad():
+    images = torch.zeros(64, 1, 32, 32)
+    images[:, :, 16, 16] = 1.0
+    moved = random_translate(images, pad=2)
+    assert moved.shape == images.shape and torch.equal(random_translate(images, 0), images)
+    rows, cols = (moved[:, 0] == 1).nonzero()[:, 1:].T
+    assert moved.sum() == 64 and (rows - 16).abs().max() <= 2 and (cols - 16).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5  # the shifts differ between images
+
+
+def test_quick_classifier_is_evaluated_on_the_full_test_set():
+    for dataset in ("mnist", "cifar10"):
+        cfg = classifier_config(dataset, "quick")
+        assert cfg.eval_size == 10_000 and cfg.flip == (dataset == "cifar10") and cfg.steps > 100
+    with pytest.raises(ValueError, match="degrade_fraction"):
+        classifier_config("mnist", "smoke", degrade_fraction=1.5)
+
+
 def test_classifier_is_trained_once_then_loaded():
     first = load_or_train_classifier("mnist", "smoke", progress=False)
-    assert first.path.is_file() and 0.0 <= first.test_accuracy <= 1.0
+    assert first.path.is_file() and 0.0 <= first.test_accuracy <= 1.0 and first.train_seconds > 0
+    lo, hi = first.test_accuracy_ci
+    assert lo <= first.test_accuracy <= hi
     second = load_or_train_classifier("mnist", "smoke", progress=False)
-    assert second.test_accuracy == first.test_accuracy
+    assert (second.test_accuracy, second.train_seconds) == (first.test_accuracy, first.train_seconds)
     for p, q in zip(first.model.parameters(), second.model.parameters(), strict=True):
         assert torch.equal(p.cpu(), q.cpu())
     with pytest.raises(ValueError, match="unknown config key"):

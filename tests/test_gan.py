@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from gm.loss import d_hinge_loss, g_hinge_loss
+from gm.loss import adaptive_gan_weight, d_hinge_loss, g_hinge_loss, reconstruction_loss
 from gm.model import Discriminator
-from gm.train import train_vae, vae_config
+from gm.train import base_config, gan_config, load_vae, train_vae, vae_config
 
 
 def test_hinge_losses_by_hand():
@@ -70,3 +70,45 @@ def test_receptive_field_is_what_one_logit_sees(num_layers, expected):
     logits[0, 0, logits.shape[-2] // 2, logits.shape[-1] // 2].backward()
     rows, cols = x.grad[0, 0].abs().sum(1).nonzero(), x.grad[0, 0].abs().sum(0).nonzero()
     assert rows.max() - rows.min() + 1 == expected and cols.max() - cols.min() + 1 == expected
+
+
+def test_adaptive_weight_by_hand_on_a_tiny_decoder():
+    """Decoder recon = w * z (last layer: the scalar weight w), D(recon) = 3 * recon, one pixel per image.
+
+    rec = mean_b (w z_b - x_b)^2 -> d rec / d w = mean_b 2 (w z_b - x_b) z_b; G = -mean_b 3 w z_b -> d G / d w =
+    -3 mean_b z_b. With w = 2, z = (1, 2), x = (1, 1): d rec / d w = (2 * 1 * 1 + 2 * 3 * 2) / 2 = 7, d G / d w = -4.5,
+    so d = 7 / (4.5 + 1e-4).
+    """
+    w = torch.tensor([2.0], requires_grad=True)
+    z, x = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [1.0]])
+    recon = w * z
+    rec, g = reconstruction_loss(recon, x), g_hinge_loss(3 * recon)
+    d = adaptive_gan_weight(rec, g, w)
+    assert d.item() == pytest.approx(7 / (4.5 + 1e-4), rel=1e-6)
+    assert not d.requires_grad
+    (rec + d * g).backward()  # the graphs survive for the caller's backward
+    assert w.grad.item() == pytest.approx(7 - d.item() * 4.5, abs=1e-5)
+    v = torch.tensor([1.0], requires_grad=True)  # G's gradient 1e-12, rec's 18: 18 / (1e-12 + 1e-4) is clamped
+    assert adaptive_gan_weight((v * 3).pow(2).sum(), 1e-12 * v.sum(), v).item() == 1e4
+    with pytest.raises(ValueError, match="require grad"):
+        adaptive_gan_weight(rec, g, torch.tensor([1.0]))
+
+
+def test_adaptive_mode_trains_and_logs_its_weight():
+    cfg = vae_config("mnist", "smoke", gan_weight=0.1, gan_mode="adaptive", gan_loss_start=0, steps=2, progress=False)
+    row = train_vae(cfg).train_rows[-1]
+    assert row["d_weight"] > 0
+    expected = row["recon_loss"] + cfg.kl_weight * row["kl"] + 0.1 * row["d_weight"] * row["g_loss"]
+    assert row["loss"] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="gan_mode"):
+        vae_config("mnist", "smoke", gan_mode="adaptiv")
+
+
+def test_gan_run_starts_from_the_2_1_weights():
+    cfg = gan_config(1e-3, 0.1, "smoke", dataset="mnist", lr=0.0, progress=False)  # lr 0: the VAE cannot move
+    assert cfg.warm_start and cfg.gan_loss_start == 0
+    run = train_vae(cfg)
+    base = load_vae(train_vae(base_config(cfg), resume=True).run_dir / "model.pt")
+    for (name, p), q in zip(run.vae.state_dict().items(), base.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert all("d_loss" in row for row in run.train_rows)  # adversarial from the first step

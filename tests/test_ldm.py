@@ -1,11 +1,13 @@
 """Latent diffusion: config validation, latent statistics in the checkpoint, a few steps lower the loss, resume,
 and the evaluation rows and figures (tiny VAE and UNet on a slice of MNIST)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from gm.eval import Classifier
-from gm.ldm import LDMConfig, encode_images, evaluate_ldm, ldm_config, plot_loss, train_ldm
+from gm.ldm import LDMConfig, encode_images, evaluate_ldm, ldm_config, plot_loss, summary, train_ldm
 from gm.model import VAE
 
 
@@ -53,16 +55,36 @@ def test_a_few_steps_lower_the_loss_and_the_run_resumes():
     assert plot_loss(run, run.run_dir / "loss.png").is_file()
 
 
-def test_evaluate_rows_and_grids(tmp_path):
-    cfg = ldm_config("mnist", "smoke", timesteps=20, ddim_steps=5, progress=False)
+def test_evaluate_rows_cis_and_grids(tmp_path):
+    cfg = ldm_config("mnist", "smoke", timesteps=20, ddim_steps=5, samples_per_class=3, ddpm_samples_per_class=2,
+                     sample_batch_size=7, progress=False)
     run = train_ldm(cfg, vae=tiny_vae())
-    rows = evaluate_ldm(run, Classifier(1, width=4, feature_dim=8).eval(),
+    rows = evaluate_ldm(run, Classifier(1, width=4).eval(),
                         {"ddpm": {"sampler": "ddpm"}, "ddim": {"sampler": "ddim", "steps": 5}},
                         fig_prefix=tmp_path / "ldm_mnist")
     assert [r["images from"] for r in rows] == ["real test images (baseline)", "VAE reconstructions of them",
                                                 "DDPM-20", "DDIM-5"]
-    n = cfg.samples_per_class * 10
+    # baselines: as many real images as DDIM generates; DDPM: its own (smaller) count
+    assert [r["n"] for r in rows] == [30, 30, 20, 30]
     for row in rows:
-        assert row["n"] == n and 0 <= row["cond. accuracy"] <= 1 and row["feature FD"] >= 0
+        (acc_lo, acc_hi), (fd_lo, fd_hi) = row["acc. 95% CI"], row["FD 95% CI"]
+        assert 0 <= acc_lo <= row["cond. accuracy"] <= acc_hi <= 1 and 0 <= fd_lo < fd_hi and row["feature FD"] >= 0
     assert rows[2]["speed-up"] == 1.0 and rows[3]["images/s"] > 0
     assert (tmp_path / "ldm_mnist_ddpm.png").is_file() and (tmp_path / "ldm_mnist_ddim.png").is_file()
+    headline = summary(rows, cfg)
+    assert headline["n"] == 30 and headline["ddpm1000_n"] == 20 and headline["ddim50_fd"] == rows[3]["feature FD"]
+    assert headline["real_fd"] == rows[0]["feature FD"] and len(headline["ddim50_cond_acc_ci"]) == 2
+    with pytest.raises(ValueError, match="DDIM-50"):
+        summary(rows, ldm_config("mnist", "smoke", ddim_steps=50))
+    with pytest.raises(ValueError, match="test images"):
+        evaluate_ldm(dataclasses.replace(run, config=dataclasses.replace(cfg, reference_size=9_990)),
+                     Classifier(1, width=4).eval(), {"ddim": {"sampler": "ddim", "steps": 5}})
+
+
+def test_quick_and_full_presets_measure_at_least_1000_samples_against_5000_real_images():
+    for dataset in ("mnist", "cifar10"):
+        for profile in ("quick", "full"):
+            cfg = ldm_config(dataset, profile)
+            assert 10 * cfg.samples_per_class >= 1000 and cfg.reference_size >= 5000
+            assert 10 * cfg.samples_per_class + cfg.reference_size <= 10_000  # disjoint sets of the test split
+            assert cfg.ddpm_samples_per_class >= 5 and cfg.ddim_steps == 50

@@ -11,11 +11,13 @@ from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
     LDMEnhanceConfig,
     guidance_sweep,
+    headline,
     ldm_enhance_config,
     log_snr,
     plot_guidance_sweep,
     plot_schedules,
     plot_step_sweep,
+    reference_rows,
     step_sweep,
     train_variant,
     variant_comparison,
@@ -39,7 +41,7 @@ def tiny(tmp_path_factory):
         run = train_ldm(ldm_config("mnist", "smoke", timesteps=T, progress=False), vae=vae)
     torch.manual_seed(1)
     torch.nn.init.normal_(run.ema_model.unet.output[-1].weight, std=0.1)
-    return run, Classifier(1, width=4, feature_dim=8).eval()
+    return run, Classifier(1, width=4).eval()
 
 
 def smoke_config(**overrides) -> LDMEnhanceConfig:
@@ -109,6 +111,9 @@ def test_guidance_scale_one_is_the_conditional_model(tiny, tmp_path):
     assert (w1["cond. accuracy"], w1["feature FD"]) == (conditional[0]["cond. accuracy"], conditional[0]["feature FD"])
     assert len({r["feature FD"] for r in samples}) == 3  # w = 0 and w = 3 sample other images
     assert all((tmp_path / f"cfg_w{w:g}.png").is_file() for w in (0, 1, 3))
+    numbers = headline(rows, ("guidance",))
+    assert list(numbers) == ["0", "1", "3"] and numbers["1"]["fd"] == w1["feature FD"]
+    assert numbers["3"]["n"] == 10 * cfg.samples_per_class and len(numbers["3"]["cond_acc_ci"]) == 2
     assert plot_guidance_sweep(rows, tmp_path / "cfg.png", "smoke").stat().st_size > 0
 
 
@@ -121,6 +126,15 @@ def test_weights_comparison_samples_the_chosen_weights(tiny):
     assert raw["val. loss"] == run.eval_rows[-1]["val_loss"]
     _, same = split(weights_comparison(dataclasses.replace(run, ema_model=run.model), classifier, cfg))
     assert same[0]["feature FD"] == same[1]["feature FD"] == raw["feature FD"]
+
+
+def test_shared_references_give_the_same_rows(tiny):
+    run, classifier = tiny
+    cfg = smoke_config(samples_per_class=3)
+    refs = reference_rows(run, classifier, cfg)
+    assert len(refs.features) == run.config.reference_size and [r["n"] for r in refs.rows] == [30, 30]
+    shared, fresh = weights_comparison(run, classifier, cfg, refs=refs), weights_comparison(run, classifier, cfg)
+    assert [(r["feature FD"], r["FD 95% CI"]) for r in shared] == [(r["feature FD"], r["FD 95% CI"]) for r in fresh]
 
 
 def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):

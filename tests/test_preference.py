@@ -59,7 +59,7 @@ def test_load_preference_pairs_limits_and_rejects_bad_arguments():
     assert len({p["kind"] for p in pairs}) > 1  # the limit takes a shuffled sample, not one kind
     with pytest.raises(ValueError, match="split"):
         load_preference_pairs("test", source="chitchat")
-    with pytest.raises(ValueError, match="unknown preference source"):
+    with pytest.raises(ValueError, match="unknown preference pairs source"):
         load_preference_pairs("train", source="imdb")
     with pytest.raises(ValueError, match="limit"):
         load_preference_pairs("train", source="chitchat", limit=0)
@@ -189,11 +189,11 @@ def test_weights_digest_sees_any_change(tiny_policy):
 
 
 def test_auto_source_is_sentiment_offline(monkeypatch):
-    import fm.preference as preference
+    import fm.data
 
-    monkeypatch.setattr(preference, "hub_reachable", lambda: (False, "offline (test)"))
+    monkeypatch.setattr(fm.data, "hub_reachable", lambda: (False, "offline (test)"))
     assert resolve_pair_source("auto") == "sentiment"
-    monkeypatch.setattr(preference, "hub_reachable", lambda: (True, "online (test)"))
+    monkeypatch.setattr(fm.data, "hub_reachable", lambda: (True, "online (test)"))
     assert resolve_pair_source("auto") == "hh"
     assert resolve_pair_source("chitchat") == "chitchat"
     with pytest.raises(ValueError, match="sampled from a policy"):

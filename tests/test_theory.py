@@ -1,6 +1,7 @@
 """Theory checks: MHA with/without output projection, DDPM reverse conditional, DDIM marginals, DDPM vs DDIM on
-1-D Gaussian data, OU denoising score matching. Monte Carlo checks are seeded and accept |error| <= 5 standard errors;
-each test also shows that the wrong formula (the natural mistake) is rejected by the same check."""
+1-D Gaussian data (a)-(h), OU denoising score matching, DPO (a)-(g). Monte Carlo checks are seeded and accept
+|error| <= 5 standard errors; each test also shows that the wrong formula (the natural mistake) is rejected by the
+same check."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 
 from common import make_config
 from common.checks import Check
+from fm import theory_dpo
 from fm.attention import MultiHeadSelfAttention
 from fm.mha_variants import MHA1, MHA2, count_parameters, mha1_from_gpt2_attention, mha1_to_mha2, mha_param_formula
 from fm.theory_mha import mha_checks
@@ -150,6 +152,29 @@ def test_gaussian_reverse_variances_sigma4_vs_sigma2():
     assert theory_gauss.reverse_variance_exact(a, v, start_var=1 + sigma2)[0].item() == pytest.approx(sigma2, rel=1e-12)
 
 
+def test_gaussian_forward_marginals_and_reverse_conditional():
+    checks = theory_gauss.forward_checks(0.05, steps=200, n=20_000, seed=8)
+    assert_all_pass(checks)
+    # (c)'s approximation Var ~ dt: the exact factor 1 - dt / (sigma^2 + t) is within dt / sigma^2 of 1
+    assert all(abs(c.derived - 1) < (1 / 200) / 0.05 for c in checks if "/ dt" in c.quantity)
+
+
+def test_denoiser_regression_recovers_the_conditional_mean():
+    checks = theory_gauss.denoiser_regression_checks(0.05, n=40_000, seed=9)
+    assert_all_pass(checks)
+    # the naive guess g = x_t (no shrinkage) is rejected at every t
+    slopes = [c for c in checks if "coefficient of x_t," in c.quantity]
+    assert all(abs(c.measured - 1) > 20 * c.stderr for c in slopes)
+
+
+def test_eta_expansion_to_second_order():
+    checks = theory_gauss.eta_expansion_checks((1e-2, 1e-3, 1e-4))
+    assert_all_pass(checks)
+    # the first-order expansion 1/2 + dt/(8t) leaves an error of order (dt/t)^2, not (dt/t)
+    h = 1e-3
+    assert abs(1 / (1 + math.sqrt(1 - h)) - 0.5 - h / 8) < h**2 / 8
+
+
 # ----------------------------------------------------------------------------------- Problem 3: OU and DSM
 def test_ou_marginals_and_loss_at_optimum():
     checks = theory_ou.ou_marginal_mc((0.5,), n=20_000, dt=5e-3, seed=11)
@@ -177,6 +202,44 @@ def test_singular_reverse_ode_converges_at_order_one_half():
 
 def test_optimal_denoiser_is_the_true_score():
     assert_all_pass(theory_ou.ou_optimal_denoiser((0.25, 1.0), n=20_000, seed=19))
+
+
+# -------------------------------------------------------------------------------------------------- DPO
+def test_dpo_optimal_policy_and_reward_reparameterisation():
+    checks = theory_dpo.kl_minimiser_check(seed=1) + theory_dpo.optimal_policy_checks(vocab=2, length=4, seed=1)
+    assert_all_pass(checks)
+    replies, pi_ref, reward = theory_dpo.toy_problem(2, 4, seed=1)
+    assert len(replies) == 2**4 and torch.allclose(pi_ref.sum(), torch.ones((), dtype=F64))
+    # a policy that ignores the KL (all mass on the best reply) scores lower than pi*
+    pi_star, log_z = theory_dpo.optimal_policy(pi_ref, reward, beta=0.5)
+    greedy = torch.full_like(pi_ref, 1e-12).index_fill(0, reward.argmax(), 1.0)
+    assert theory_dpo.rlhf_objective(greedy / greedy.sum(), pi_ref, reward, 0.5) < 0.5 * log_z
+    assert theory_dpo.log10_reply_count(50257, 1024) == pytest.approx(4814.03, abs=0.01)
+
+
+def test_dpo_bradley_terry_cancels_z_and_dpo_recovers_pi_star():
+    assert_all_pass(theory_dpo.bradley_terry_checks(vocab=3, length=2, beta=0.3, seed=2))
+
+
+def test_dpo_gradient_and_its_weighting():
+    checks = theory_dpo.dpo_gradient_checks(n_pairs=16, vocab=3, length=2, beta=0.2, seed=3)
+    assert_all_pass(checks)
+    # the weight is sigma(r_l - r_w), not sigma(r_w - r_l): at a correctly ranked pair it is below 1/2
+    logp = torch.tensor([-1.0, -3.0], dtype=F64)
+    ref = torch.tensor([-2.0, -2.0], dtype=F64)
+    r_hat = 0.2 * (logp - ref)
+    assert torch.sigmoid(r_hat[1] - r_hat[0]) < 0.5
+
+
+def test_plackett_luce_cancels_z():
+    checks = theory_dpo.plackett_luce_checks(k=3, n_prompts=5, seed=4)
+    assert_all_pass(checks)
+    scores = torch.tensor([2.0, 0.0, -1.0], dtype=F64)
+    best_first = theory_dpo.plackett_luce_logprob(scores, torch.tensor([0, 1, 2]))
+    worst_first = theory_dpo.plackett_luce_logprob(scores, torch.tensor([2, 1, 0]))
+    assert best_first > worst_first
+    with pytest.raises(ValueError, match=">= 1"):
+        theory_dpo.all_replies(0, 3)
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -36,6 +36,16 @@ def test_kl_matches_torch_distributions_and_sums_non_batch_dims():
         kl_divergence(mean, logvar[:, :2])
 
 
+def test_reconstruction_loss_sums_per_image_and_averages_over_the_batch():
+    recon = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [1.0, 0.5]]]])
+    # image 1: 1; image 2: 1 + 1 + 1 + 0.25 = 3.25; batch mean (1 + 3.25) / 2
+    assert reconstruction_loss(recon, target).item() == pytest.approx(2.125)
+    # + KL (summed per image) is the negative ELBO of N(recon, 1/2 I) minus (D / 2) log(pi), per image
+    nll = -torch.distributions.Normal(recon, math.sqrt(0.5)).log_prob(target).flatten(1).sum(1).mean()
+    assert nll.item() == pytest.approx(2.125 + 0.5 * 4 * math.log(math.pi), rel=1e-6)
+
+
 @pytest.mark.parametrize("size,channels,latent", [(32, 3, 8), (28, 1, 7)])
 def test_vae_shapes(size, channels, latent):
     vae = VAE(channels, z_channels=3, num_channels=8)
@@ -98,7 +108,7 @@ def test_trainer_lowers_loss_writes_files_and_resumes():
     run = train_vae(cfg)
     losses = [row["loss"] for row in run.train_rows]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    assert run.eval_rows[-1]["test_recon_mse"] < run.eval_rows[0]["test_recon_mse"]
+    assert run.eval_rows[-1]["test_recon_error"] < run.eval_rows[0]["test_recon_error"]
     for name in ("train.csv", "eval.csv", "checkpoint.pt", "model.pt"):
         assert (run.run_dir / name).is_file()
     assert not run.vae.training
@@ -126,11 +136,14 @@ def test_sharpness_and_evaluate():
     assert torch.equal(sharpness(flat), torch.zeros(2)) and (sharpness(noisy) > 0.2).all()
     vae = VAE(1, num_channels=8)
     metrics = evaluate(vae, "mnist", num_images=64, batch_size=32)
-    assert set(metrics) == {"recon_mse", "kl", "neg_elbo", "sharpness_ratio"}
-    assert all(math.isfinite(v) for v in metrics.values()) and metrics["kl"] > 0
-    # neg ELBO = Gaussian NLL at the ML variance (>= the MSE term's constant) + KL
+    assert {"recon_error", "psnr_db", "kl_nats", "neg_elbo_nats", "neg_elbo_bpd", "sharpness", "n"} <= set(metrics)
+    assert metrics["n"] == 64 and all(math.isfinite(v) for v in metrics.values()) and metrics["kl_nats"] > 0
     dims = 32 * 32
-    assert metrics["neg_elbo"] > metrics["kl"] + 0.5 * dims * (1 + math.log(2 * math.pi * metrics["recon_mse"])) - 50
+    # the mean per-image PSNR is at least the PSNR of the mean per-pixel MSE (Jensen: -log is convex)
+    assert metrics["psnr_db"] >= -10 * math.log10(metrics["recon_error"] / dims) - 1e-6
+    # neg ELBO = sampled squared error + (D / 2) log(pi) + KL, and bits/dim is that over D ln 2
+    assert metrics["neg_elbo_nats"] > metrics["kl_nats"] + 0.5 * dims * math.log(math.pi)
+    assert metrics["neg_elbo_bpd"] == pytest.approx(metrics["neg_elbo_nats"] / (dims * math.log(2)))
     panels = figure_panels(vae, "mnist", num_images=4)
     assert list(panels) == ["inputs", "reconstructions", "prior samples"]
     assert all(p.shape == (4, 1, 32, 32) for p in panels.values())
