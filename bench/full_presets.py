@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common import checkpoint_dir
+from common.io import atomic_save
 from common.logging import read_csv
 from fm.dpo import dpo_config, train_dpo
 from fm.model import GPT, GPTConfig
@@ -38,13 +40,14 @@ from fm.sft import sft_config, train_sft
 from fm.tokenizer import get_gpt2_tokenizer
 from gm.eval import classifier_config, load_or_train_classifier
 from gm.ldm import ldm_config, train_ldm
-from gm.train import LDM_KL_WEIGHT, build_vae, train_vae, vae_config
+from gm.train import LDM_KL_WEIGHT, VAEConfig, base_config, build_vae, gan_config, train_vae, vae_config
 
 # (run, data set) in the order of the notebooks; the data set is None for the language-model runs.
 RUNS: tuple[tuple[str, str | None], ...] = (
     ("sft", None), ("dpo", None), ("vae", "mnist"), ("vae", "cifar10"), ("vae_gan", "cifar10"),
     ("classifier", "mnist"), ("classifier", "cifar10"), ("ldm", "mnist"), ("ldm", "cifar10"),
 )
+GAN_KL_WEIGHT = 1e-3  # the kl_weight of 2_2's warm-started GAN sweep
 NOTEBOOKS = {"sft": "1_2_sft", "dpo": "1_3_dpo", "vae": "2_1_vae", "vae_gan": "2_2_gan", "classifier": "2_3_ldm",
              "ldm": "2_3_ldm"}
 TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000}  # the official training sets: the full VAE presets count epochs
@@ -123,6 +126,15 @@ def random_lm(name: str, attn_impl: str | None = None, seed: int = 0) -> tuple[n
     return GPT(GPTConfig.from_preset(name, **extra)), get_gpt2_tokenizer()
 
 
+def random_base_checkpoint(cfg: VAEConfig) -> None:
+    """Save a random-weight VAE as the 2.1 checkpoint that the warm-started GAN run `cfg` loads, unless one exists:
+    a preset run trains no 2.1 VAE (it runs in scratch checkpoint folders, never the real ones)."""
+    base = base_config(cfg)
+    path = checkpoint_dir() / "vae" / base.run_name() / "model.pt"
+    if not path.is_file():
+        atomic_save({"config": dataclasses.asdict(base), "state_dict": build_vae(base).state_dict()}, path)
+
+
 def _known(make: Callable[..., Any], *args: Any, profile: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The `overrides` that the config `make(*args, profile)` has fields for: optional fields (`bf16`, `progress`,
     `log_interval`, ...) are set where a config has them, so the runs keep working while configs change."""
@@ -192,9 +204,12 @@ def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str
             trained, rows = (setup.policy,), setup.trainer.train_log.rows
         remove()
     elif run in ("vae", "vae_gan"):
-        if run == "vae_gan":  # the GAN term from the second step on, so both phases of the step run
-            overrides |= dict(gan_weight=0.1, gan_loss_start=min(1, steps - 1) if reduced else 0)
-        cfg = vae_config(dataset, profile, **_known(vae_config, dataset, profile=profile, overrides=overrides))
+        if run == "vae_gan":  # 2_2's run: the adversarial phase, warm-started from a 2.1 checkpoint
+            cfg = gan_config(GAN_KL_WEIGHT, 0.1, profile, dataset, gan_mode="adaptive",
+                             **_known(vae_config, dataset, profile=profile, overrides=overrides))
+            random_base_checkpoint(cfg)
+        else:
+            cfg = vae_config(dataset, profile, **_known(vae_config, dataset, profile=profile, overrides=overrides))
         result = train_vae(cfg)
         per_step, trained, rows = cfg.batch_size, (result.vae, result.disc), result.train_rows
     elif run == "classifier":

@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from bench.full_presets import REDUCED, RUNS, random_lm, run_preset, write_synthetic_images
+from bench.full_presets import GAN_KL_WEIGHT, REDUCED, RUNS, random_lm, run_preset, write_synthetic_images
 from fm.dpo import dpo_config
 from fm.sft import sft_config
 from gm.eval import classifier_config
 from gm.ldm import ldm_config
-from gm.train import vae_config
+from gm.train import gan_config, vae_config
 
 pytestmark = pytest.mark.full_dryrun
 
@@ -26,7 +26,8 @@ GPT2_PARAMETERS = 124_439_808  # GPT-2 small, input and output embeddings tied
 # What a run may change besides REDUCED: the schedule, bookkeeping, the offline data, the GAN switch. No model size.
 RUN_OVERRIDES = {"steps", "warmup_steps", "progress", "bf16", "data_source", "gan_weight", "gan_loss_start"}
 FULL_CONFIGS = {"sft": lambda _: sft_config("full"), "dpo": lambda _: dpo_config("full"),
-                "vae": lambda d: vae_config(d, "full"), "vae_gan": lambda d: vae_config(d, "full"),
+                "vae": lambda d: vae_config(d, "full"),
+                "vae_gan": lambda d: gan_config(GAN_KL_WEIGHT, 0.1, "full", d, gan_mode="adaptive"),
                 "classifier": lambda d: classifier_config(d, "full"), "ldm": lambda d: ldm_config(d, "full")}
 
 
