@@ -44,7 +44,7 @@ class LMEnhanceConfig:
 
     profile: str = "quick"  # the SFT / DPO profile whose models, data and presets the experiments reuse
     # 1. LoRA vs full fine-tuning: the SFT setup of `profile` for `ft_steps` steps from the pretrained model
-    ft_steps: int = 6
+    ft_steps: int = 4
     ft_eval_examples: int = 8
     full_lr: float = 5e-5  # a usual full fine-tuning lr for a ~100M model
     lora_lr: float = 5e-4  # adapters start at zero and take larger steps (the 1.2 quick preset's LoRA settings)
@@ -56,8 +56,8 @@ class LMEnhanceConfig:
     label_smoothing: float = 0.1  # cDPO's assumed fraction of flipped labels
     pref_val_pairs: int = 64  # validation pairs per run: the first ones of 1.3's (already sampled)
     # 3. decoding: KV cache timing (fm.generate.kv_cache_benchmark) and sampling strategies on DPO and SFT
-    cache_new_tokens: tuple[int, ...] = (16, 32, 64)
-    decode_prompts: int = 8  # held-out prompts (the homework prompt first)
+    cache_new_tokens: tuple[int, ...] = (8, 16, 32)
+    decode_prompts: int = 6  # held-out prompts (the homework prompt first)
     max_new_tokens: int = 32
     decode_batch_size: int = 8
     seed: int = 0

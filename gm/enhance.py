@@ -144,8 +144,6 @@ def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
     references, samples = _measure(run, classifier, cfg, samplers, refs=refs)
     for row, kwargs in zip(samples, samplers.values(), strict=True):
         row["steps"] = kwargs.get("steps", run.config.timesteps)
-        if "eta" in kwargs:
-            row["eta"] = kwargs["eta"]
     return references + samples
 
 

@@ -48,7 +48,7 @@ def test_accuracy_and_predict_agree():
     model = Classifier(1, width=4).eval()
     images = torch.rand(30, 1, 32, 32)
     logits, feats = predict(model, images, batch_size=7)
-    assert logits.shape == (30, 10) and feats.shape == (30, model.feature_dim) and model.feature_dim == 16
+    assert logits.shape == (30, 10) and feats.shape == (30, model.feature_dim) and model.feature_dim == 24  # widths (4, 12, 24)
     labels = logits.argmax(1)
     assert accuracy(model, images, labels) == 1.0
     assert accuracy(model, images, (labels + 1) % 10) == 0.0
@@ -103,6 +103,16 @@ def test_bootstrap_interval_of_the_frechet_distance_covers_the_known_answer():
     assert bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100) == small
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_frechet_interval(a, b, resamples=2)
+
+
+def test_bootstrap_interval_corrects_the_upward_bias_of_the_plug_in_distance():
+    # two samples of one distribution: the population distance is 0, the plug-in distance is > 0, and resampling
+    # inflates it further; the percentile interval would lie wholly above the plug-in value, the basic one covers 0
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen)
+    estimate = frechet_distance(a, b)
+    lo, hi = bootstrap_frechet_interval(a, b, resamples=100)
+    assert estimate > 0.5 and lo == 0.0 and hi < estimate
 
 
 def test_random_translate_shifts_each_image_by_at_most_pad():

@@ -74,6 +74,7 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
     headline = summary(rows, cfg)
     assert headline["n"] == 30 and headline["ddpm1000_n"] == 20 and headline["ddim50_fd"] == rows[3]["feature FD"]
     assert headline["real_fd"] == rows[0]["feature FD"] and len(headline["ddim50_cond_acc_ci"]) == 2
+    assert "eta" not in rows[2] and rows[3]["eta"] == headline["eta"] == 0.0 and headline["train_steps"] == cfg.steps
     with pytest.raises(ValueError, match="DDIM-50"):
         summary(rows, ldm_config("mnist", "smoke", ddim_steps=50))
     with pytest.raises(ValueError, match="test images"):
