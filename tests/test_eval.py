@@ -48,7 +48,8 @@ def test_accuracy_and_predict_agree():
     model = Classifier(1, width=4).eval()
     images = torch.rand(30, 1, 32, 32)
     logits, feats = predict(model, images, batch_size=7)
-    assert logits.shape == (30, 10) and feats.shape == (30, model.feature_dim) and model.feature_dim == 24  # widths (4, 12, 24)
+    assert logits.shape == (30, 10) and feats.shape == (30, model.feature_dim)
+    assert model.feature_dim == 24  # widths (4, 12, 24)
     labels = logits.argmax(1)
     assert accuracy(model, images, labels) == 1.0
     assert accuracy(model, images, (labels + 1) % 10) == 0.0
