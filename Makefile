@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # Data (CIFAR-10 JPEGs) is looked for in HW3_DATA_DIR; default: ../shared/data when it exists, else data/.
 HW3_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
 export HW3_DATA_DIR
-# torch's OpenMP threads busy-wait by default; on a small shared CPU that starves other work (10x slower here).
+# torch's OpenMP threads busy-wait by default; PASSIVE lets idle threads sleep, so a run leaves the CPU to other
+# processes (set OMP_WAIT_POLICY=ACTIVE to override).
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
