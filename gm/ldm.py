@@ -371,10 +371,10 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: dict[str, dict],
     sets that sampler's own count (DDPM: `config.ddpm_samples_per_class` unless given). Returns the two reference
     rows of `refs` (computed if None, with 10 * `samples_per_class` real images) and one row per sampler:
     conditional accuracy (the classifier agrees with the label) and the classifier-feature Frechet distance to
-    `reference_size` other real test images, each with its 95 % CI, the DDIM noise level "eta" (DDIM rows),
-    wall time (sampling and VAE decoding),
-    images/s and the speed-up in images/s over the first sampler. Images are generated `sample_batch_size` at a
-    time. With `fig_prefix`, saves the class grid of each sampler as `{fig_prefix}_{name}.png`.
+    `reference_size` other real test images, each with its 95 % CI, the DDIM noise level "eta" (DDIM rows), wall
+    time (sampling and VAE decoding), images/s and the speed-up in images/s over the first sampler. Images are
+    generated `sample_batch_size` at a time. With `fig_prefix`, saves the class grid of each sampler as
+    `{fig_prefix}_{name}.png`.
     """
     cfg = run.config
 
@@ -426,8 +426,7 @@ def summary(rows: list[dict], cfg: LDMConfig) -> dict:
 
     d, p = first(f"DDIM-{cfg.ddim_steps}"), first(f"DDPM-{cfg.timesteps}")
     out = {"n": d["n"], "ddpm1000_n": p["n"], "guidance": d["guidance"], "eta": d["eta"], "train_steps": cfg.steps,
-           "images_per_s": d["images/s"],
-           "ddpm1000_images_per_s": p["images/s"]}
+           "images_per_s": d["images/s"], "ddpm1000_images_per_s": p["images/s"]}
     for key, row in (("ddim50", d), ("ddpm1000", p), ("real", first("real test images (baseline)")),
                      ("recon", first("VAE reconstructions of them"))):
         out |= {f"{key}_cond_acc": row["cond. accuracy"], f"{key}_cond_acc_ci": list(row["acc. 95% CI"]),
