@@ -336,10 +336,11 @@ PRESETS = {
                   val_pairs=4, block_size=64, batch_size=2, eval_batch_size=4, steps=4, lr=1e-4, warmup_steps=1,
                   eval_interval=2, reply_tokens=12, sample_batch_size=8, eval_prompts=8),
     # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning; offline on 256 on-policy sentiment pairs
-    # (one epoch-ish at 8 pairs per step) with 200 validation pairs, then 200 held-out test prompts.
+    # (one epoch-ish at 8 pairs per step) with 200 validation pairs, then 200 held-out test prompts. Replies of <= 32
+    # new tokens (sampling, scoring and training time grow with the reply length).
     "quick": dict(sft_profile="quick", run_name="quick", sampled_pairs=256, train_pairs=256, val_pairs=200,
                   block_size=128, batch_size=8, eval_batch_size=32, steps=24, lr=7e-5, warmup_steps=3,
-                  eval_interval=12, reply_tokens=40, tie_margin=0.1, sample_batch_size=256, eval_prompts=200),
+                  eval_interval=12, reply_tokens=32, tie_margin=0.1, sample_batch_size=256, eval_prompts=200),
     # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs (offline: 4096 sentiment pairs), the DPO paper's
     # beta, lr and batch 64.
     "full": dict(sft_profile="full", run_name="full", sampled_pairs=4096, val_pairs=512, block_size=512, batch_size=8,

@@ -150,11 +150,14 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """input_ids (B, T); attention_mask (B, past + T), 0 = padding; labels (B, T), -100 = ignored.
 
         The loss predicts labels[:, 1:] from positions [:, :-1] (transformers' convention), averaged over the labels
         that are not -100. `past_key_values` is what a previous call with `use_cache=True` returned.
+        `logits_to_keep` = n > 0: logits (B, n, V) of the last n positions only (transformers' argument; sampling
+        needs 1), 0: all T.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -174,7 +177,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x, present = block(x, attention_mask, past_key_values[i] if past_key_values else None, use_cache)
             presents.append(present)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"logits_to_keep must be >= 0 and 0 with labels (the loss needs every position), got "
+                             f"{logits_to_keep}")
+        logits = self.lm_head(self.transformer.ln_f(x[:, -logits_to_keep:] if logits_to_keep else x))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=tuple(presents) if use_cache else None)
 

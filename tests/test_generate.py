@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fm.generate import generate, top_k_filter, top_p_filter
+from fm.generate import generate, sample_next, top_k_filter, top_p_filter
 from fm.model import GPT, GPTConfig
 from tests.test_model import hf_tiny_gpt2, ours_from
 
@@ -36,6 +36,22 @@ def test_filters():
     assert torch.equal(top_p_filter(logits, 1.0), logits) and torch.equal(top_k_filter(logits, None), logits)
     shuffled = logits[:, [2, 0, 3, 1]]  # filters follow the values, not the positions
     assert torch.isinf(top_p_filter(shuffled, 0.8)).tolist() == [[True, False, True, False]]
+
+
+def test_sample_next_draws_from_the_filtered_distribution():
+    """The inverse-CDF draw: token frequencies match the (temperature-scaled, filtered) probabilities within 5
+    standard errors, and filtered-out tokens are never drawn."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = torch.log(probs).expand(20_000, -1)
+    gen = torch.Generator().manual_seed(0)
+    n = len(logits)
+    for kwargs, expected in ((dict(), probs), (dict(temperature=0.5), probs**2 / (probs**2).sum()),
+                             (dict(top_k=2), torch.tensor([0.625, 0.375, 0, 0, 0]))):
+        counts = torch.bincount(sample_next(logits, generator=gen, **kwargs), minlength=5).float()
+        se = (expected * (1 - expected) / n).sqrt()
+        assert ((counts / n - expected).abs() <= 5 * se + 1e-9).all(), (kwargs, counts / n)
+    assert (sample_next(logits, top_p=0.01, generator=gen) == 0).all()
+    assert sample_next(torch.tensor([[0.0, 9.0, 1.0]]), temperature=0.0).item() == 1
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.9, top_k=50, top_p=0.9)])

@@ -37,6 +37,18 @@ def test_logits_match_transformers(pair):
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_to_keep_is_the_last_positions_as_in_transformers(pair):
+    hf, ours = pair
+    ids = torch.randint(0, 1000, (2, 9))
+    full = ours(ids).logits
+    for n in (1, 4):
+        kept = ours(ids, logits_to_keep=n).logits
+        assert kept.shape == (2, n, 1000) and torch.allclose(kept, full[:, -n:], atol=1e-5)
+        assert torch.allclose(kept, hf(ids, logits_to_keep=n).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        ours(ids, labels=ids, logits_to_keep=1)
+
+
 def test_logits_match_transformers_with_left_padding(pair):
     hf, ours = pair
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(2))
