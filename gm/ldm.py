@@ -122,7 +122,7 @@ PRESETS = {
 
 
 # CIFAR-10 latents are harder to model than MNIST's, so the quick budget goes mostly to CIFAR-10.
-DATASET_PRESETS = {"quick": {"mnist": dict(steps=400), "cifar10": dict(steps=1200)}}
+DATASET_PRESETS = {"quick": {"mnist": dict(steps=400), "cifar10": dict(steps=1000)}}
 
 
 def ldm_config(dataset: str, profile: str | None = None, **overrides) -> LDMConfig:

@@ -61,6 +61,29 @@ def test_resume_equals_uninterrupted(tmp_path):
     ]
 
 
+def test_ema_warm_up_forgets_the_initial_weights():
+    """d_n = min(decay, (1 + n) / (10 + n)): the first update keeps 10 % of the start, and after 400 updates towards
+    fixed weights the start's share is far below the 0.995^400 = 13 % of a plain EMA."""
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.995)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert ema.shadow.weight.item() == pytest.approx(0.9)
+    for _ in range(399):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(401 / 410) and ema.num_updates == 400
+    assert 1 - ema.shadow.weight.item() < 0.01 < 0.995**400
+    restored = EMA(model, decay=0.995)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 400 and torch.equal(restored.shadow.weight, ema.shadow.weight)
+    with pytest.raises(ValueError, match="EMA state"):
+        restored.load_state_dict(ema.shadow.state_dict())
+    restored.num_updates = 10_000
+    assert restored.current_decay() == 0.995  # the warm-up ends at the configured decay
+
+
 def test_make_config_rejects_unknown_keys():
     from dataclasses import dataclass
 
