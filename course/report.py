@@ -39,21 +39,26 @@ class ReportError(ValueError):
 
 
 def json_lookup(data: Any, key_path: str) -> Any:
-    """The value at `key_path` ('a/b/0/c') in parsed JSON `data`; KeyError/IndexError naming the missing step."""
-    value = data
-    for i, key in enumerate(key_path.split("/")):
-        where = "/".join(key_path.split("/")[:i]) or "<root>"
+    """The value at `key_path` ('a/b/0/c') in parsed JSON `data`; KeyError/IndexError naming the missing step.
+
+    A key that itself contains '/' (e.g. 's / step', a table column) is matched whole: at each object the longest run
+    of the remaining steps that is one of its keys is taken."""
+    value, steps, done = data, key_path.split("/"), 0
+    while done < len(steps):
+        where = "/".join(steps[:done]) or "<root>"
+        key = steps[done]
         if isinstance(value, list):
             if not re.fullmatch(r"-?\d+", key):
                 raise KeyError(f"{where} is a list; {key!r} is not an integer index")
             if not -len(value) <= int(key) < len(value):
                 raise IndexError(f"index {key} out of range at {where} (length {len(value)})")
-            value = value[int(key)]
+            value, done = value[int(key)], done + 1
         elif isinstance(value, dict):
-            if key not in value:
+            n = next((n for n in range(len(steps) - done, 0, -1) if "/".join(steps[done : done + n]) in value), 0)
+            if n == 0:
                 keys = ", ".join(map(repr, list(value)[:12]))
                 raise KeyError(f"no key {key!r} at {where} (keys: {keys})")
-            value = value[key]
+            value, done = value["/".join(steps[done : done + n])], done + n
         else:
             raise KeyError(f"{where} is a {type(value).__name__}, not an object or list; cannot take {key!r}")
     return value

@@ -87,6 +87,10 @@ def test_value_directive_paths_and_formats(tree):
             "{{ value: fig/v.json | s }}\n")
     assert _render_text(tree, text) == "0.912, 91.2%, 12,345, 12345, x\n"
     assert json_lookup({"a.b": [1, {"c": 2}]}, "a.b/1/c") == 2
+    row = {"s / step": 4.5, "s ": 0, "tokens / s / GPU": 7}  # table columns: keys with '/', the longest one wins
+    assert json_lookup([row], "0/s / step") == 4.5 and json_lookup({"r": row}, "r/tokens / s / GPU") == 7
+    with pytest.raises(KeyError, match="no key 'x' at r"):
+        json_lookup({"r": row}, "r/x/y")
 
 
 def test_include_directive_renders_recursively(tree):
