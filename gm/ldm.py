@@ -25,7 +25,15 @@ from common.plotting import make_grid, plot_curves, save_figure
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
-from gm.eval import Classifier, bootstrap_frechet_interval, frechet_distance, predict, timed, wilson_interval
+from gm.eval import (
+    Classifier,
+    FrechetReference,
+    bootstrap_frechet_interval,
+    frechet_distance,
+    predict,
+    timed,
+    wilson_interval,
+)
 from gm.model import VAE
 from gm.train import load_or_train_vae
 from gm.unet import UNet
@@ -325,13 +333,14 @@ def save_class_grid(images: Tensor, labels: Tensor, dataset: str, path: str | Pa
 @dataclass
 class References:
     """What the samples of one LDM are measured against: classifier features of `reference_size` real test
-    images, and the baseline rows of `n` other real test images and of their VAE reconstructions."""
+    images (with their bootstrap resamples), and the baseline rows of `n` other real test images and of their VAE
+    reconstructions."""
 
-    features: Tensor  # (reference_size, feature_dim)
+    features: FrechetReference  # of (reference_size, feature_dim) features
     rows: list[dict]
 
 
-def measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: Tensor, resamples: int = 200,
+def measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: FrechetReference,
             seed: int = 0) -> dict:
     """Conditional accuracy (Wilson 95 % CI) and classifier-feature Frechet distance to `reference` (bootstrap
     95 % CI) of (N, C, H, W) `images` that were asked to be of class `labels` (N,)."""
@@ -339,7 +348,7 @@ def measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: T
     hits = int((logits.argmax(1) == labels.cpu()).sum())
     return {"cond. accuracy": hits / len(labels), "acc. 95% CI": wilson_interval(hits, len(labels)),
             "feature FD": frechet_distance(feats, reference),
-            "FD 95% CI": bootstrap_frechet_interval(feats, reference, resamples, seed)}
+            "FD 95% CI": bootstrap_frechet_interval(feats, reference, len(reference.resampled), seed)}
 
 
 @torch.no_grad()
@@ -352,12 +361,12 @@ def references(run: LDMRun, classifier: Classifier, n: int, seed: int = 0) -> Re
         raise ValueError(f"need {cfg.reference_size + n} test images for the reference and baseline sets, the test "
                          f"set has {len(real)}; lower reference_size or samples_per_class")
     idx = subset_indices(len(real), cfg.reference_size + n, seed)
-    _, reference = predict(classifier, real[idx[: cfg.reference_size]])
+    reference = FrechetReference.of(predict(classifier, real[idx[: cfg.reference_size]])[1], cfg.fd_resamples, seed)
     baseline, baseline_labels = real[idx[cfg.reference_size:]], real_labels[idx[cfg.reference_size:]]
     device = next(run.ema_model.parameters()).device
     recon = torch.cat([run.vae.decode(run.vae.encode(c.to(device))[0]).cpu() for c in baseline.split(500)])
     rows = [{"dataset": cfg.dataset, "images from": name, "n": n,
-             **measure(classifier, images, baseline_labels, reference, cfg.fd_resamples, seed)}
+             **measure(classifier, images, baseline_labels, reference, seed)}
             for name, images in (("real test images (baseline)", baseline), ("VAE reconstructions of them", recon))]
     return References(reference, rows)
 
@@ -402,7 +411,7 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: dict[str, dict],
         eta = kwargs.get("eta", 0.0) if ddim else 1.0
         rows.append({"dataset": cfg.dataset, "images from": label, "guidance": kwargs["guidance_scale"],
                      **({"eta": eta} if ddim else {}), "n": len(labels),
-                     **measure(classifier, images, labels, refs.features, cfg.fd_resamples, seed),
+                     **measure(classifier, images, labels, refs.features, seed),
                      "seconds": seconds, "images/s": rate, "speed-up": rate / first_rate})
         if fig_prefix is not None:
             save_class_grid(images, labels, cfg.dataset, f"{fig_prefix}_{name}.png",

@@ -6,6 +6,7 @@ import torch
 
 from gm.eval import (
     Classifier,
+    FrechetReference,
     accuracy,
     bootstrap_frechet_interval,
     classifier_config,
@@ -104,6 +105,21 @@ def test_bootstrap_interval_of_the_frechet_distance_covers_the_known_answer():
     assert bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100) == small
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_frechet_interval(a, b, resamples=2)
+
+
+def test_a_shared_frechet_reference_gives_the_same_distances_as_its_features():
+    # the reference's statistics and resamples are computed once and reused by every comparison with it
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(500, 8, generator=gen), 1.5 * torch.randn(2000, 8, generator=gen)
+    ref = FrechetReference.of(b, resamples=50, seed=1)
+    assert len(ref) == 2000 and len(ref.resampled) == 50
+    assert frechet_distance(a, ref) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)  # symmetric
+    assert bootstrap_frechet_interval(a, ref, resamples=50, seed=0) == bootstrap_frechet_interval(a, b, 50, seed=0)
+    with pytest.raises(ValueError, match="resamples=100"):
+        bootstrap_frechet_interval(a, ref, resamples=100)
+    with pytest.raises(ValueError, match="same D"):
+        bootstrap_frechet_interval(a[:, :4], ref, resamples=50)
 
 
 def test_bootstrap_interval_corrects_the_upward_bias_of_the_plug_in_distance():
