@@ -296,18 +296,13 @@ def load_or_train_classifier(dataset: str, profile: str | None = None, **overrid
     return ClassifierRun(cfg, model, state["test_accuracy"], path, state["train_seconds"])
 
 
+# Symmetric eigendecompositions with numpy's LAPACK: torch's runs every small step of the eigensolver as an OpenMP
+# region, which with OMP_WAIT_POLICY=PASSIVE (the Makefile's default) makes a 192 x 192 one ~10x slower (20 ms vs 2).
 def _sqrt_psd(cov: Tensor) -> Tensor:
     """Symmetric square root of a (D, D) positive semi-definite float64 matrix (negative rounding-error eigenvalues
     clamped to 0)."""
-    evals, evecs = _eigh(cov)
+    evals, evecs = (torch.from_numpy(a) for a in np.linalg.eigh(cov.cpu().numpy()))
     return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
-
-
-def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    # numpy's LAPACK: torch's runs every small step of the eigensolver as an OpenMP region, which with
-    # OMP_WAIT_POLICY=PASSIVE (the Makefile's default) makes a 192 x 192 decomposition ~10x slower (20 ms vs 2 ms)
-    evals, evecs = np.linalg.eigh(matrix.numpy())
-    return torch.from_numpy(evals), torch.from_numpy(evecs)
 
 
 class GaussianStats(NamedTuple):
@@ -319,21 +314,23 @@ class GaussianStats(NamedTuple):
 
     @classmethod
     def of(cls, features: Tensor) -> GaussianStats:
-        f = features.double()
+        f = features.double().cpu()
         cov = torch.cov(f.T)
         return cls(f.mean(0), cov, _sqrt_psd(cov))
 
 
 def _frechet(ref: GaussianStats, mean: Tensor, cov: Tensor) -> float:
-    cross = torch.from_numpy(np.linalg.eigvalsh((ref.cov_sqrt @ cov @ ref.cov_sqrt).numpy())).clamp(min=0).sqrt()
+    """The Frechet distance of `frechet_distance_from_stats`, with the first Gaussian's square root given."""
+    product = (ref.cov_sqrt @ cov @ ref.cov_sqrt).cpu().numpy()  # symmetric PSD, its eigenvalues real and >= 0
+    cross = torch.from_numpy(np.linalg.eigvalsh(product)).clamp(min=0).sqrt()
     return ((ref.mean - mean).pow(2).sum() + ref.cov.trace() + cov.trace() - 2 * cross.sum()).item()
 
 
 def frechet_distance_from_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
     """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1^{1/2} C2 C1^{1/2})^{1/2}): the squared 2-Wasserstein distance between
     N(mu1, C1) and N(mu2, C2), computed with symmetric eigendecompositions in float64."""
-    cov1 = cov1.double()
-    return _frechet(GaussianStats(mu1.double(), cov1, _sqrt_psd(cov1)), mu2.double(), cov2.double())
+    mu1, cov1, mu2, cov2 = (a.double().cpu() for a in (mu1, cov1, mu2, cov2))
+    return _frechet(GaussianStats(mu1, cov1, _sqrt_psd(cov1)), mu2, cov2)
 
 
 @dataclass(frozen=True)
@@ -345,7 +342,6 @@ class FrechetReference:
     features: Tensor  # (N, D) float64
     stats: GaussianStats
     resampled: tuple[GaussianStats, ...]
-    seed: int
 
     @classmethod
     def of(cls, features: Tensor, resamples: int = 200, seed: int = 0) -> FrechetReference:
@@ -353,10 +349,10 @@ class FrechetReference:
               f"need an (N, D) reference feature set with N >= 2, got {tuple(features.shape)}")
         check(resamples >= 10, f"need resamples >= 10, got {resamples}")
         gen = torch.Generator().manual_seed(seed)
-        f = features.double()
+        f = features.double().cpu()
         resampled = tuple(GaussianStats.of(f[torch.randint(len(f), (len(f),), generator=gen)])
                           for _ in range(resamples))
-        return cls(f, GaussianStats.of(f), resampled, seed)
+        return cls(f, GaussianStats.of(f), resampled)
 
     def __len__(self) -> int:
         return len(self.features)
@@ -375,7 +371,7 @@ def frechet_distance(features1: Tensor, features2: Tensor | FrechetReference) ->
     `features2` may be a `FrechetReference` (its statistics are reused)."""
     ref = features2 if isinstance(features2, FrechetReference) else None
     _check_features(features1, ref.features if ref else features2)
-    f1 = features1.double()
+    f1 = features1.double().cpu()
     return _frechet(ref.stats if ref else GaussianStats.of(features2), f1.mean(0), torch.cov(f1.T))
 
 
@@ -399,7 +395,7 @@ def bootstrap_frechet_interval(features1: Tensor, features2: Tensor | FrechetRef
               f"asked for {resamples}; build it with FrechetReference.of(features, resamples={resamples})")
     ref = features2 if given else FrechetReference.of(features2, resamples, seed + 1)
     gen = torch.Generator().manual_seed(seed)
-    f1 = features1.double()
+    f1 = features1.double().cpu()
     values = []
     for stats in ref.resampled:
         f = f1[torch.randint(len(f1), (len(f1),), generator=gen)]
