@@ -297,7 +297,7 @@ def load_or_train_classifier(dataset: str, profile: str | None = None, **overrid
 
 
 # Symmetric eigendecompositions with numpy's LAPACK: torch's runs every small step of the eigensolver as an OpenMP
-# region, which with OMP_WAIT_POLICY=PASSIVE makes a 192 x 192 one ~10x slower (20 ms vs 2 ms).
+# region, which with OMP_WAIT_POLICY=PASSIVE makes a 192 x 192 one ~7x slower (20 ms vs 3 ms).
 def _sqrt_psd(cov: Tensor) -> Tensor:
     """Symmetric square root of a (D, D) positive semi-definite float64 matrix (negative rounding-error eigenvalues
     clamped to 0)."""
