@@ -1,27 +1,43 @@
-"""Figures: loss curves, grouped bar charts, image grids from tensors, markdown tables. No torchvision needed."""
+"""Figures: loss curves, grouped bar charts, image grids from tensors, markdown tables. No torchvision needed.
+
+Library figures are `matplotlib.figure.Figure` objects, never pyplot's: pyplot's backend belongs to whoever runs the
+code (the inline backend in a notebook kernel, Agg in a script without a display), so nothing here switches it. A
+notebook shows each PNG saved to fig/ below the cell that saved it (`common.notebook`).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG (creating folders) and close it."""
-    fig.tight_layout()
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
+    """A pyplot-free `(Figure, axes)` pair, like `plt.subplots` (same `squeeze`, `gridspec_kw`, ... keywords)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """Save a figure as PNG (creating folders) and return its path.
+
+    A figure made with pyplot in a notebook cell is closed too, so the inline backend does not draw it a second time
+    beside the saved file that the notebook shows.
+    """
+    if "bbox_inches" not in savefig_kwargs:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, **{"dpi": 120, **savefig_kwargs})
+    if fig.canvas.manager is not None:  # only pyplot's figures have a manager, so pyplot is imported already
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
 
 
@@ -34,7 +50,7 @@ def plot_curves(
     logy: bool = False,
 ) -> Path:
     """Plot named (x, y) series on one axis and save a PNG. `title` should name the profile."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for label, (x, y) in series.items():
         ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -63,17 +79,6 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
-    """Save (N, C, H, W) images in [0, 1] as one PNG grid, optionally upscaled by an integer `scale`."""
-    image = Image.fromarray(make_grid(images, nrow=nrow))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
 def save_labeled_grids(
     panels: dict[str, torch.Tensor],
     path: str | Path,
@@ -82,7 +87,7 @@ def save_labeled_grids(
     row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Several image grids side by side, each with a heading (e.g. inputs | reconstructions | samples)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, images) in zip(axes[0], panels.items(), strict=True):
         ax.imshow(make_grid(images, nrow=nrow), interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -123,7 +128,7 @@ def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: d
     labels = ["\n".join(str(r[k]) for k in label_keys) for r in rows]
     x = np.arange(len(rows))
     panel_width = min(7.0, max(4.0, 0.7 * len(rows) + 1.5))
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(panel_width * len(panels), 4.2), squeeze=False)
     for ax, (ylabel, keys) in zip(axes[0], panels.items(), strict=True):
         width = 0.8 / len(keys)
         for i, key in enumerate(keys):

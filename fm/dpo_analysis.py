@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
 from common import cache_dir
 from common.io import atomic_save, merge_json
-from common.plotting import save_figure
+from common.plotting import new_figure, save_figure
 from fm.data import IGNORE_INDEX, collate
 from fm.dpo import PreferenceData, concatenated_logps, dpo_loss, pair_logps, reward_accuracy, sequence_logps
 from fm.generate import Completions, sample_completions
@@ -257,7 +256,7 @@ def compare_to_baseline(evals: Sequence[PolicyEval], baseline: PolicyEval) -> li
 def plot_frontier(points: Sequence[dict], baseline: dict, path: str | Path, title: str) -> Path:
     """Mean oracle reward against KL(pi || pi_ref), one line per method through its betas (labelled), the SFT
     reference at KL 0. `points`: dicts with method, beta, kl, reward; `baseline`: {"reward": ...}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     ax.scatter([0.0], [baseline["reward"]], color="black", marker="s", zorder=3, label="SFT (reference)")
     for method in dict.fromkeys(p["method"] for p in points):
         mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])

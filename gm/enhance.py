@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 
 from common import get_profile, make_config
 from common.config import check
-from common.plotting import markdown_table, save_figure
+from common.plotting import markdown_table, new_figure, save_figure
 from gm.data import DATASETS
 from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
@@ -235,7 +234,7 @@ def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, t
     """Conditional accuracy and feature FD (two panels) against row key `x` for each named list of rows.
     `references` (real images, VAE reconstructions) are drawn as horizontal lines; `annotate`: a row key written
     next to each point."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
     for ax, metric in zip(axes, METRICS, strict=True):
         for label, rows in curves.items():
             xs, ys = [r[x] for r in rows], [r[metric] for r in rows]
@@ -280,7 +279,7 @@ def log_snr(diffusion: GaussianDiffusion) -> torch.Tensor:
 
 def plot_schedules(path: str | Path, title: str, timesteps: int = 1000) -> Path:
     """abar_t and log SNR of the linear and cosine schedules (the cosine one destroys information more evenly)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
     t = torch.arange(timesteps)
     for schedule in ("linear", "cosine"):
         diffusion = GaussianDiffusion(timesteps, schedule=schedule)

@@ -12,7 +12,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 
@@ -21,7 +20,7 @@ from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
-from common.plotting import make_grid, plot_curves, save_figure
+from common.plotting import make_grid, new_figure, plot_curves, save_figure
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
@@ -321,7 +320,7 @@ def save_class_grid(images: Tensor, labels: Tensor, dataset: str, path: str | Pa
     rows = [images[labels == c][:per_row] for c in range(NUM_CLASSES)]
     per_row = min(len(r) for r in rows)
     grid = make_grid(torch.cat([r[:per_row] for r in rows]), nrow=per_row)
-    fig, ax = plt.subplots(figsize=(grid.shape[1] / 45 + 1.0, grid.shape[0] / 45 + 0.5))
+    fig, ax = new_figure(figsize=(grid.shape[1] / 45 + 1.0, grid.shape[0] / 45 + 0.5))
     ax.imshow(grid, interpolation="nearest")
     h = images.shape[-2] + 2
     ax.set_yticks([2 + h * i + h / 2 for i in range(NUM_CLASSES)], list(CLASS_NAMES[dataset]), fontsize=7)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
 from common.checks import DTYPE, Check, mean_and_se, randn, seeded_generator, var_and_se
-from common.plotting import save_figure
+from common.plotting import new_figure, save_figure
 from gm.diffusion import GaussianDiffusion
 from gm.theory_config import toy_data
 
@@ -114,7 +113,7 @@ def ddim_sampler_in_family(diffusion: GaussianDiffusion, steps: int, n: int = 10
 
 def plot_ddim_marginals(variances: dict[str, Tensor], path, title: str) -> None:
     """Var of the standardised z_t = (X_t - sqrt(a_t) X_0) / sqrt(1 - a_t) per t for each sigma family."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = new_figure(figsize=(6.5, 4))
     for name, var in variances.items():
         ax.plot(torch.arange(1, len(var) + 1), var, marker="o", markersize=2, label=name)
     ax.axhline(1.0, color="k", linestyle=":", linewidth=0.8)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
 from common.checks import DTYPE, Check, ols, randn, seeded_generator, var_and_se
-from common.plotting import save_figure
+from common.plotting import new_figure, save_figure
 
 REVERSE_SAMPLERS = ("mean only", "DDPM, noise var dt", "DDPM, exact posterior var", "DDIM")
 
@@ -128,7 +127,7 @@ def gaussian_reverse_experiment(sigma2: float, steps: int, n: int, seed: int = 0
 def plot_gaussian_reverse(result: GaussianReverseResult, sigma2: float, path, title: str) -> None:
     """Left: histograms of x_0 per sampler against the data density N(0, sigma2). Right: Var(x_t) along the reverse
     pass divided by the forward marginal sigma2 + t (simulated solid, exact recursion dashed)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     grid = torch.linspace(-4 * math.sqrt(sigma2), 4 * math.sqrt(sigma2), 400, dtype=DTYPE)
     for name, x0 in result.samples.items():
         left.hist(x0.numpy(), bins=120, range=(grid[0].item(), grid[-1].item()), density=True, histtype="step",

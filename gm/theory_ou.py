@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
 from common.checks import DTYPE, Check, mean_and_se, ols, randn, seeded_generator, var_and_se
-from common.plotting import save_figure
+from common.plotting import new_figure, save_figure
 
 
 def ou_gamma_sigma(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -158,7 +157,7 @@ def plot_dsm(ts: Tensor, closed: Tensor, mc: Tensor, se: Tensor, steps: tuple[in
              err_smooth: Tensor, t_start: float, path, title: str) -> None:
     """Left: DSM loss at the optimum per t for lambda = 1 and lambda = sigma_t^2 (closed form lines, MC points).
     Right: Euler error of the reverse ODE on [0, T] (singular) and [t_start, T] against the number of steps."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     _, sigma = ou_gamma_sigma(ts)
     for weight, label in ((torch.ones_like(ts), "lambda = 1: 1/sigma_t^2 - 1"),
                           (sigma**2, "lambda = sigma_t^2: exp(-t)")):
