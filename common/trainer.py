@@ -9,10 +9,20 @@ scheduler, EMA and RNG states, plus the metric rows so far).
 Metric values may be Python numbers or detached 0-d tensors. The loop turns them into floats only every
 `log_interval` steps (and at the last step), so on a GPU the steps in between queue up without waiting for the
 device: the `.item()` of a logged row is the one host sync of its interval (as nanoGPT's `log_interval`).
+
+Under torchrun (several processes, `common.dist`) the same loop runs in every process, as nanoGPT's `train.py`
+does: the trained modules are wrapped in DistributedDataParallel (`Trainer.models`), whose backward averages the
+gradients over the ranks; a task's step function takes its rank's part of the step's global batch (`make_step_fn`:
+the same seeded indices on every rank, cut into shards), so N ranks x k micro-batches make one batch of N x k.
+Logged metrics are averaged over the ranks (`*_per_s` rates summed). Only rank 0 shows a progress bar and writes the
+CSVs and checkpoints (the others keep the rows in memory); every rank draws its own random numbers (dropout,
+augmentation, noise), offset by its rank, and a checkpoint keeps every rank's RNG state, so a resumed run under DDP
+is the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -26,6 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm.auto import tqdm
 
+from common import dist
 from common.data import batch_indices
 from common.device import autocast
 from common.ema import EMA
@@ -62,11 +73,44 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min
     return LambdaLR(optimizer, factor)
 
 
+class MemoryLog:
+    """A `MetricLogger` without its file: the rows that ranks other than 0 keep (rank 0 alone writes the CSVs)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, step: int, **metrics: float) -> None:
+        self.rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+    def restore(self, rows: Sequence[dict]) -> None:
+        self.rows = list(rows)
+
+    def column(self, key: str) -> tuple[list[int], list[float]]:
+        pairs = [(r["step"], r[key]) for r in self.rows if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def offset_rng_by_rank(rank: int) -> None:
+    """Reseed torch, NumPy and Python on ranks > 0 from the process's seed plus the rank (nanoGPT's `seed_offset`):
+    the ranks draw different dropout masks, augmentations and noise. Rank 0 keeps its stream (one process: as
+    before)."""
+    if rank == 0:
+        return
+    seed = torch.initial_seed() + 1_000_003 * rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 class Trainer:
     """Runs `steps` optimisation steps of a task's `step_fn` in `run_dir` (train.csv, eval.csv, checkpoint.pt).
 
     Train metrics are logged every `log_interval` steps and at the last step; evaluation runs at step 0, every
     `eval_interval` steps and at the end; checkpoints every `ckpt_interval` steps and at the end (0: never between).
+
+    In a process group (`common.dist`) the modules that have an optimizer are wrapped in DDP: a step function runs
+    their forward passes through `models[name]` (or `wrapped(module)`). `distributed=False` trains in this process
+    alone even then (the evaluation classifier, trained on rank 0 while the others wait).
     """
 
     def __init__(
@@ -86,6 +130,7 @@ class Trainer:
         bf16: bool = False,
         desc: str = "train",
         progress: bool = True,
+        distributed: bool = True,
     ):
         if steps <= 0:
             raise ValueError(f"steps must be positive, got {steps}")
@@ -94,17 +139,26 @@ class Trainer:
         unknown = set(optimizers) - set(modules)
         if unknown:
             raise ValueError(f"optimizers {sorted(unknown)} have no module of the same name in {sorted(modules)}")
+        self.world = dist.world_size() if distributed else 1
+        self.rank = dist.rank() if distributed else 0
+        self.writer = dist.is_main_process()  # the one process that logs to files and saves checkpoints
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.modules, self.optimizers = modules, optimizers
+        # DDP wrappers of the trained modules (the modules themselves in one process): forward passes go through them
+        self.models = {k: dist.wrap(m) if self.world > 1 and k in optimizers else m for k, m in modules.items()}
         self.schedulers = schedulers or {}
         self.ema = ema or {}
         self.steps, self.grad_clip = steps, grad_clip
         self.eval_interval, self.ckpt_interval, self.log_interval = eval_interval, ckpt_interval, log_interval
         self.device = device or next(next(iter(modules.values())).parameters()).device
-        self.bf16, self.desc, self.progress = bf16, desc, progress
-        self.train_log = MetricLogger(self.run_dir / "train.csv", tensorboard_dir=self.run_dir / "tb")
-        self.eval_log = MetricLogger(self.run_dir / "eval.csv")
+        self.bf16, self.desc, self.progress = bf16, desc, progress and self.writer
+        self.train_log: MetricLogger | MemoryLog = MemoryLog()
+        self.eval_log: MetricLogger | MemoryLog = MemoryLog()
+        if self.writer:
+            self.train_log = MetricLogger(self.run_dir / "train.csv", tensorboard_dir=self.run_dir / "tb")
+            self.eval_log = MetricLogger(self.run_dir / "eval.csv")
         self.step = 0
 
     @property
@@ -113,6 +167,26 @@ class Trainer:
 
     def autocast(self):
         return autocast(self.device, self.bf16)
+
+    def wrapped(self, module: nn.Module) -> nn.Module:
+        """The DDP wrapper of `module` if the trainer made one, else `module`: what a training forward calls."""
+        return next((self.models[k] for k, m in self.modules.items() if m is module), module)
+
+    def no_sync(self, name: str, last: bool) -> contextlib.AbstractContextManager:
+        """Around a micro-batch's backward: DDP's `no_sync()` (gradients only accumulate locally) unless it is the
+        step's `last` micro-batch, whose backward averages the accumulated gradients over the ranks."""
+        model = self.models[name]
+        return model.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
+
+    def sum_over_ranks(self, values: dict[str, float | torch.Tensor]) -> dict[str, float | torch.Tensor]:
+        """`common.dist.sum_over_ranks` when this trainer is distributed; `values` itself otherwise."""
+        return dist.sum_over_ranks(values) if self.world > 1 else values
+
+    def _mean_row(self, row: dict[str, float]) -> dict[str, float]:
+        """A logged row averaged over the ranks; rates (`*_per_s`) are summed. One process: the row itself."""
+        if self.world == 1:
+            return row
+        return {k: v if k.endswith("_per_s") else v / self.world for k, v in self.sum_over_ranks(row).items()}
 
     def optimizer_step(self, name: str) -> torch.Tensor:
         """Clip, step and zero the grads of optimizer `name`; advance its schedule and EMA.
@@ -142,6 +216,8 @@ class Trainer:
         """
         if resume and self.checkpoint_path.exists():
             self.load(self.checkpoint_path)
+        elif self.world > 1:
+            offset_rng_by_rank(self.rank)
         if self.step == 0 and eval_fn is not None:
             self._evaluate(eval_fn)
         bar = tqdm(range(self.step, self.steps), initial=self.step, total=self.steps, desc=self.desc,
@@ -155,7 +231,7 @@ class Trainer:
             self.step, unlogged = step + 1, unlogged + 1
             last = self.step == self.steps
             if last or self.step % self.log_interval == 0:
-                row = as_floats(metrics)  # host sync: waits for the steps queued since the last row
+                row = self._mean_row(as_floats(metrics))  # host sync: waits for the steps queued since the last row
                 busy += time.perf_counter() - start
                 row["step_time"] = busy / unlogged
                 row.setdefault("lr", next(iter(self.optimizers.values())).param_groups[0]["lr"])
@@ -174,7 +250,7 @@ class Trainer:
     def _evaluate(self, eval_fn: EvalFn) -> None:
         for module in self.modules.values():
             module.eval()
-        with torch.no_grad():
+        with torch.no_grad():  # an eval_fn of several ranks shards its set and sums over the ranks itself
             metrics = as_floats(eval_fn(self.step))
         self.eval_log.log(self.step, **metrics)
         if self.progress:
@@ -198,7 +274,14 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
-        atomic_save(self.state_dict(), path)  # an interrupted save never leaves a truncated checkpoint
+        """Rank 0 writes the checkpoint, with every rank's RNG state ("rank_rng"); the others wait for it."""
+        state = self.state_dict()
+        if self.world > 1:
+            state["rank_rng"] = dist.gather(state["rng"])
+        if self.writer:
+            atomic_save(state, path)  # an interrupted save never leaves a truncated checkpoint
+        if self.world > 1:
+            dist.barrier()
 
     def load(self, path: str | Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -214,6 +297,8 @@ class Trainer:
         for key, ema in self.ema.items():
             ema.load_state_dict(state["ema"][key])
         rng = state["rng"]
+        if self.world > 1 and len(state.get("rank_rng", [])) == self.world:
+            rng = state["rank_rng"][self.rank]  # the same checkpoint, each rank's own stream
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -223,6 +308,8 @@ class Trainer:
         self.train_log.restore(state["train_rows"])
         self.eval_log.restore(state["eval_rows"])
         self.step = state["step"]
+        if self.world > 1 and len(state.get("rank_rng", [])) != self.world:
+            offset_rng_by_rank(self.rank)  # saved by another number of processes: offset rank 0's stream
 
 
 # ---------------------------------------------------------------------------------------------- step / eval helpers
@@ -260,21 +347,36 @@ def make_step_fn(
     device here). Metrics: the same weighted means of what `loss_fn` returns, left as detached device tensors (no
     host sync here; the Trainer reads them at log steps), `tokens_per_s` (real tokens, from the host-side
     attention masks) and `grad_norm`.
+
+    With N ranks (`trainer.world`) the step's batch is the same; every rank computes its indices and takes its
+    grad_accum / N consecutive micro-batches. N, the items of the whole step, is summed over the ranks, and micro-batch
+    k is weighted by N * n_k / N_items: DDP's backward averages the gradients over the ranks, which makes the sum over
+    all micro-batches of n_k / N_items times their gradients, as in one process. All but the last micro-batch run
+    under DDP's `no_sync()`.
     """
+    world = trainer.world
+    if grad_accum % world:
+        raise ValueError(f"grad_accum ({grad_accum} micro-batches per step) is not divisible by the {world} processes; "
+                         f"set grad_accum to a multiple of NPROC={world} (the micro-batches are shared out)")
+    local = grad_accum // world  # micro-batches of this rank
+    net = trainer.wrapped(model)
 
     def step_fn(step: int) -> dict[str, torch.Tensor | float]:
         start = time.perf_counter()
-        indices = batch_indices(n_examples, batch_size * grad_accum, step, seed)
-        batches = [batch_fn(chunk.tolist()) for chunk in indices.split(batch_size)]
+        indices = batch_indices(n_examples, batch_size * grad_accum, step, seed)  # the global batch: every rank
+        chunks = indices.split(batch_size)[trainer.rank * local : (trainer.rank + 1) * local]
+        batches = [batch_fn(chunk.tolist()) for chunk in chunks]
         items = [int(items_fn(batch)) for batch in batches]  # host tensors: no device sync
-        total = sum(items)
+        total = trainer.sum_over_ranks({"items": sum(items)})["items"]  # of the global batch
         metrics: dict[str, torch.Tensor | float] = {}
-        for batch, n in zip(batches, items, strict=True):
-            with trainer.autocast():
-                loss, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batch.items()})
-            (loss * (n / total)).backward()
+        for i, (batch, n) in enumerate(zip(batches, items, strict=True)):
+            weight = n * world / total
+            with trainer.no_sync(optimizer, last=i == len(batches) - 1):
+                with trainer.autocast():
+                    loss, values = loss_fn(net, {k: v.to(trainer.device) for k, v in batch.items()})
+                (loss * weight).backward()
             for key, value in values.items():
-                metrics[key] = metrics.get(key, 0.0) + value.detach() * (n / total)
+                metrics[key] = metrics.get(key, 0.0) + value.detach() * weight
         metrics["grad_norm"] = trainer.optimizer_step(optimizer)
         if all("attention_mask" in batch for batch in batches):
             tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -295,21 +397,25 @@ def make_eval_fn(
     """An eval function for `Trainer.fit`: the metrics of `loss_fn` over fixed `batches`, keys prefixed.
 
     Each metric is the mean over all items of the batches (batch means weighted by `items_fn`, as in
-    `make_step_fn`), so it does not depend on how the evaluation set is cut into batches.
+    `make_step_fn`), so it does not depend on how the evaluation set is cut into batches. With several ranks, each
+    evaluates its consecutive part of the batches (`common.dist.split_range`) and the weighted sums are summed over
+    the ranks: the same numbers, in 1 / N of the time.
     """
-    if not batches:
-        raise ValueError("make_eval_fn needs at least one validation batch")
+    if len(batches) < trainer.world:
+        raise ValueError(f"{len(batches)} validation batches cannot be shared by {trainer.world} processes; use more "
+                         "validation examples or a smaller evaluation batch")
     items = [int(items_fn(batch)) for batch in batches]
     total = sum(items)
+    mine = range(len(batches)) if trainer.world == 1 else dist.split_range(len(batches))
 
     def eval_fn(step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for batch, n in zip(batches, items, strict=True):
+        for i in mine:
             with trainer.autocast():
-                _, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batch.items()})
+                _, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batches[i].items()})
             for key, value in values.items():
-                metrics[prefix + key] = metrics.get(prefix + key, 0.0) + float(value) * (n / total)
-        return metrics
+                metrics[prefix + key] = metrics.get(prefix + key, 0.0) + float(value) * (items[i] / total)
+        return trainer.sum_over_ranks(metrics)
 
     return eval_fn
 
