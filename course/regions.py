@@ -27,6 +27,10 @@ BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
 LINE_LENGTH = 120  # pyproject.toml's ruff line-length, which the stubs keep to
 PACKAGES = ("common", "fm", "gm")  # where solution regions may live (and what a submission provides)
+# Modules that write a graded answer out and are not a student task: the theory problems' solutions. Neither the
+# student release nor the grader's worker gets them; the report template asks for the derivations instead.
+PRIVATE_SOURCES = ("fm/theory_dpo.py", "fm/theory_mha.py", "gm/theory_config.py", "gm/theory_ddim.py",
+                   "gm/theory_gauss.py", "gm/theory_ou.py", "gm/theory_reverse.py")
 _MARKER_LIKE = re.compile(r"#+\s*(BEGIN|END)\s+SOLUTION\b.*", re.IGNORECASE)
 
 
@@ -136,11 +140,13 @@ def scan_tree(root: Path) -> list[Region]:
     return regions
 
 
-def source_files(root: Path) -> list[Path]:
-    """The Python files of PACKAGES under `root`, sorted, without caches."""
+def source_files(root: Path, released: bool = False) -> list[Path]:
+    """The Python files of PACKAGES under `root`, sorted, without caches (`released`: without PRIVATE_SOURCES)."""
     files = []
     for package in PACKAGES:
         files += [p for p in (root / package).rglob("*.py") if "__pycache__" not in p.parts]
+    if released:
+        files = [p for p in files if p.relative_to(root).as_posix() not in PRIVATE_SOURCES]
     return sorted(files)
 
 

@@ -42,8 +42,8 @@ TASKS: tuple[Task, ...] = (
         package_tests=("tests/test_fm_data.py", "tests/test_sft.py"),
     ),
     Task(
-        "1.3", "Direct preference optimization: the DPO loss", 15, "notebooks/1_3_dpo.ipynb",
-        functions=("dpo_loss",),
+        "1.3", "Direct preference optimization: the DPO and IPO losses", 15, "notebooks/1_3_dpo.ipynb",
+        functions=("dpo_loss", "ipo_loss"),
         tests=("grading/test_task_1_3.py",), hidden=("grading/hidden/test_task_1_3_hidden.py",),
         package_tests=("tests/test_dpo.py",),
     ),
