@@ -3,19 +3,19 @@
 PROFILE ?= quick
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Data (CIFAR-10 JPEGs) is looked for in HW3_DATA_DIR; default: ../shared/data when it exists, else data/.
-HW3_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),$(abspath data))
-export HW3_DATA_DIR
+# Data (CIFAR-10 JPEGs) is looked for in HW3_DATA_DIR, else ../shared/data, else data/ (common/paths.py: data_dir).
 # OMP_WAIT_POLICY is left to OpenMP's default (idle threads spin briefly, then sleep). PASSIVE (never spin) made the
 # small convolutions of Part Two pay a wake-up per parallel region: a latent-UNet training step ran ~1.3x slower.
 
-.PHONY: figures test lint notebook setup clean-cache
+.PHONY: figures test lint notebook setup clean-cache lab kernel
 
 $(VENV)/.installed: requirements.txt requirements-offline.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-offline.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name hw3 --display-name "Python (hw3)" >/dev/null
+	if git rev-parse --git-dir >/dev/null 2>&1; then $(PY) -m nbstripout --install --attributes .gitattributes; fi
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,6 +28,15 @@ figures: $(VENV)/.installed
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed
 	$(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
+
+# make lab: JupyterLab from the venv, at the repository root (notebooks/, fig/ and the package all visible).
+# Notebooks run on the venv's kernel "hw3"; outputs are stripped from notebooks/*.ipynb when committed (nbstripout).
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab
+
+# make kernel: register the venv's kernel "hw3" for your user, for a JupyterLab or VS Code installed elsewhere.
+kernel: $(VENV)/.installed
+	$(PY) -m ipykernel install --user --name hw3 --display-name "Python (hw3)"
 
 # pytest's exit code 5 means it collected no tests: that fails too (make stops on any non-zero code).
 test: $(VENV)/.installed

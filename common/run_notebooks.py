@@ -6,6 +6,10 @@ cell stops the run with the notebook's name, the cell's index and its source; th
 printed and recorded in `fig/notebook_times_<profile>.md` (quick and full): a notebook's row is replaced by its latest
 run, the other rows are kept, and the total is their sum.
 
+A notebook that runs through but shows its results badly fails too (`output_problems`): a PNG saved to fig/ that no
+cell displays, an output that links to a file (the browser cannot fetch it from JupyterLab), or a stray return value
+(a path, or the byte count of `write_text`) at the end of a cell.
+
 `--from NAME` restarts the sequence at notebook NAME (e.g. after an interrupted `make figures PROFILE=full`);
 training runs that finished before load their checkpoints instead of training again.
 """
@@ -13,8 +17,11 @@ training runs that finished before load their checkpoints instead of training ag
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -25,6 +32,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from common.notebook import png_snapshot, saved_since
 from common.paths import fig_dir, repo_root
 from common.profile import PROFILES
 
@@ -33,8 +41,40 @@ NOTEBOOK_DIR = repo_root() / "notebooks"
 TRANSPORT_WARNING = "Kernel is running over TCP without encryption"
 
 
+# a markdown image or an HTML <img> whose source is a file, not embedded data or a web address
+FILE_LINK = re.compile(r"!\[[^\]]*\]\((?!data:|https?://)[^)]+\)|<img[^>]*\ssrc=[\"'](?!data:|https?://)", re.I)
+STRAY_RESULT = re.compile(r"^((Posix|Windows)?Path\(.*\)|\d+)$", re.S)
+
+
 class NotebookError(RuntimeError):
     pass
+
+
+def displayed_png_digests(notebook: nbformat.NotebookNode) -> set[str]:
+    """SHA-256 of every PNG shown in the notebook's outputs."""
+    return {hashlib.sha256(base64.b64decode(out["data"]["image/png"])).hexdigest()
+            for cell in notebook.cells for out in cell.get("outputs", ()) if "image/png" in out.get("data", {})}
+
+
+def output_problems(notebook: nbformat.NotebookNode, saved: list[Path]) -> list[str]:
+    """What an executed notebook shows badly: PNGs in `saved` (written to fig/ by the run) that no output shows byte
+    for byte, outputs that link to a file, and cells ending in a stray path or byte count."""
+    shown = displayed_png_digests(notebook)
+    problems = [f"saves {p.name} to fig/ but never displays it (run `setup_notebook()` in the first cell, or show it "
+                f"with IPython.display.Image(filename=...))"
+                for p in saved if hashlib.sha256(p.read_bytes()).hexdigest() not in shown]
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    for number, cell in enumerate(code_cells, start=1):
+        for out in cell.get("outputs", ()):
+            data = out.get("data", {})
+            for mime in ("text/markdown", "text/html"):
+                if mime in data and FILE_LINK.search(data[mime]):
+                    problems.append(f"code cell {number} displays a link to a file ({FILE_LINK.search(data[mime])[0]}"
+                                    f"...): embed the image with IPython.display.Image(filename=...)")
+            if out.get("output_type") == "execute_result" and STRAY_RESULT.match(data.get("text/plain", "")):
+                problems.append(f"code cell {number} ends with a stray return value {data['text/plain'][:60]}: end "
+                                "that line with ';' or assign its value")
+    return problems
 
 
 def list_notebooks() -> list[Path]:
@@ -107,6 +147,7 @@ def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = Fal
     read_end, write_end = os.pipe()
     relay = threading.Thread(target=_relay_kernel_stderr, args=(read_end,), daemon=True)
     relay.start()
+    before = png_snapshot(fig_dir())
     start = time.perf_counter()
     try:
         client.execute(stderr=write_end)  # passed on to the kernel's Popen
@@ -119,7 +160,11 @@ def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = Fal
     finally:
         os.close(write_end)  # the kernel has exited: the relay reads to the end of the pipe and stops
         relay.join(timeout=5)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    problems = output_problems(notebook, saved_since(before, png_snapshot(fig_dir())))
+    if problems:
+        raise NotebookError(f"notebook {path.name} ran, but:\n  - " + "\n  - ".join(problems))
+    return seconds
 
 
 def read_times(path: Path) -> dict[str, float]:

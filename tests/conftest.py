@@ -19,6 +19,14 @@ def _isolated_outputs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HW3_CKPT_DIR", str(root / "checkpoints"))
 
 
+@pytest.fixture(scope="session")
+def notebook_dirs(tmp_path_factory) -> dict[str, str]:
+    """HW3_FIG_DIR and HW3_CKPT_DIR shared by every notebook run of the session (headless and in the browser): a
+    notebook reads the runs of the notebooks before it, and a second run of a notebook loads the finished runs."""
+    root = tmp_path_factory.mktemp("notebook_outputs")
+    return {"HW3_FIG_DIR": str(root / "fig"), "HW3_CKPT_DIR": str(root / "checkpoints")}
+
+
 @pytest.fixture
 def interrupt_at():
     """`interrupt_at(setup, step)`: run `setup.trainer.fit` and crash at `step`, as a killed run would.

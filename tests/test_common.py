@@ -206,3 +206,19 @@ def test_wilson_interval_hand_computed_and_at_the_edges():
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(6, 5)
+
+
+def test_data_dir_is_resolved_from_the_package_not_the_working_directory(monkeypatch, tmp_path):
+    """HW3_DATA_DIR wins; without it, ../shared/data beside the tree when it exists, else data/ in the tree, from
+    whatever folder JupyterLab or a script was started in."""
+    from common import paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HW3_DATA_DIR", str(tmp_path / "mine"))
+    assert paths.data_dir() == tmp_path / "mine"
+    monkeypatch.delenv("HW3_DATA_DIR")
+    tree = tmp_path / "course" / "hw3"
+    monkeypatch.setattr(paths, "repo_root", lambda: tree)
+    assert paths.data_dir() == tree / "data"
+    (tmp_path / "course" / "shared" / "data").mkdir(parents=True)
+    assert paths.data_dir() == tmp_path / "course" / "shared" / "data"

@@ -1,5 +1,6 @@
-"""Every notebook runs end to end in the `smoke` profile (a few steps each), so a broken notebook fails CI; the
-runner restarts a sequence, shows a notebook's own output and hides the kernel's transport warning."""
+"""Every notebook runs end to end in the `smoke` profile (a few steps each) and shows what it saves, so a broken
+notebook fails CI; together they write every file the report includes. The runner restarts a sequence, shows a
+notebook's own output and hides the kernel's transport warning; a notebook picks up an edit without a restart."""
 
 import json
 import re
@@ -9,16 +10,109 @@ import nbformat
 import pytest
 
 from common import run_notebooks
-from common.run_notebooks import TRANSPORT_WARNING, list_notebooks, main, notebooks_from, run_notebook
+from common.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebooks, main, notebooks_from, run_notebook
 
 ROOT = Path(__file__).parent.parent
+# fig/ files that the report includes but no notebook writes: the benchmarks' results and make figures' timing table
+NOT_FROM_NOTEBOOKS = re.compile(r"^(bench_|kv_cache_bench_|gpu_probe|notebook_times_)")
+SMOKE_RAN: list[str] = []
+
+
+def report_files() -> set[str]:
+    """The fig/ files that report/template.md and its fragments include: `table` and `value` directives and images
+    (plain links to per-setting images of the quick profile's larger sweeps are not included)."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "report").glob("*.md")))
+    included = re.findall(r"\{\{\s*(?:table|value):\s*fig/([\w.\-]+)|!\[[^\]]*\]\(fig/([\w.\-]+)\)", text)
+    return {name for pair in included for name in pair if name and not NOT_FROM_NOTEBOOKS.match(name)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", list_notebooks(), ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_profile(path):
-    seconds = run_notebook(path, profile="smoke", timeout=600)
-    assert seconds > 0
+def test_notebook_runs_in_smoke_profile(path, notebook_dirs, monkeypatch):
+    for name, value in notebook_dirs.items():
+        monkeypatch.setenv(name, value)
+    run_notebook(path, profile="smoke", timeout=600)  # raises on a failing cell or a figure saved but not shown
+    SMOKE_RAN.append(path.name)
+
+
+@pytest.mark.slow
+def test_notebooks_write_every_file_the_report_includes(notebook_dirs):
+    if len(SMOKE_RAN) < len(list_notebooks()):
+        pytest.skip("needs the smoke run of every notebook in this session")
+    written = {p.name for p in Path(notebook_dirs["HW3_FIG_DIR"]).iterdir()}
+    assert report_files(), "no fig/ file found in report/*.md"
+    assert sorted(report_files() - written) == []
+
+
+def _notebook(tmp_path: Path, *sources: str) -> Path:
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+SAVE_PNG = ("from matplotlib.figure import Figure\nfrom common import fig_dir\nfig = Figure()\n"
+            "fig.subplots().plot([0, 1])\nfig.savefig(fig_dir() / 'probe.png')")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sources, problem", [
+    ((SAVE_PNG,), "saves probe.png to fig/ but never displays it"),
+    (("from IPython.display import Markdown\nMarkdown('![probe](/abs/fig/probe.png)')",), "displays a link to a file"),
+    (("from pathlib import Path\nPath('/tmp/x.txt').write_text('12345')",), "stray return value 5"),
+    (("from pathlib import Path\nPath('fig')",), "stray return value PosixPath('fig')"),
+], ids=["figure not shown", "file link", "byte count", "path"])
+def test_runner_fails_on_what_a_notebook_shows_badly(tmp_path, sources, problem):
+    with pytest.raises(NotebookError, match=re.escape(problem)):
+        run_notebook(_notebook(tmp_path, *sources), "smoke", timeout=120)
+
+
+@pytest.mark.slow
+def test_setup_notebook_shows_each_saved_figure_below_its_cell(tmp_path):
+    """The first cell's hook shows the PNG a later cell saves, byte for byte, and nothing saved before it."""
+    from nbclient import NotebookClient
+
+    figures = run_notebooks.fig_dir()
+    (figures / "old.png").write_bytes(b"saved before the notebook")
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(s) for s in
+                      ("from common.notebook import setup_notebook\nsetup_notebook()", "x = 1", SAVE_PNG)]
+    NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert [sum("image/png" in o.get("data", {}) for o in c.outputs) for c in notebook.cells] == [0, 0, 1]
+    assert run_notebooks.output_problems(notebook, [figures / "probe.png"]) == []
+    assert run_notebooks.output_problems(notebook, [figures / "old.png"]) != []
+
+
+@pytest.mark.slow
+def test_an_edit_to_the_package_is_used_without_a_restart(tmp_path):
+    """%autoreload 2, as every notebook's first cell turns it on: a function edited in its file (more lines, so its
+    line numbers move) runs its new code in the next cell, and inspect.getsource shows the new source."""
+    module = tmp_path / "edited_module.py"
+    v1 = "def answer():\n    return 1\n"
+    v2 = "# a comment that moves the function down\n\n\ndef answer():\n    return 2  # the edit\n"
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(s) for s in (
+        "%load_ext autoreload\n%autoreload 2",
+        f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nfrom pathlib import Path\n"
+        f"Path({str(module)!r}).write_text({v1!r})\nfrom edited_module import answer\nassert answer() == 1",
+        f"Path({str(module)!r}).write_text({v2!r});  # the student's edit, saved from the editor",
+        "import inspect\nassert answer() == 2, answer()\nassert 'return 2  # the edit' in inspect.getsource(answer)",
+    )]
+    path = tmp_path / "edit.ipynb"
+    nbformat.write(notebook, path)
+    run_notebook(path, "smoke", timeout=120)
+
+
+def test_every_notebook_starts_with_the_setup_cell_and_the_hw3_kernel():
+    for path in list_notebooks():
+        notebook = nbformat.read(path, as_version=4)
+        first = next(c for c in notebook.cells if c.cell_type == "code")
+        assert first.source.startswith("%load_ext autoreload\n%autoreload 2\n"), path.name
+        assert "setup_notebook()" in first.source, path.name
+        assert notebook.metadata.kernelspec.name == "hw3", path.name
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in notebook.cells if c.cell_type
+                   == "code"), f"{path.name} is committed with outputs"
 
 
 def test_every_notebook_is_run_by_make_figures():
