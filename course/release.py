@@ -4,11 +4,16 @@ Writes a copy of the package in which every solution region is replaced by `rais
 (`course.regions`), the notebooks without outputs, the tests a student checks their work with, the public graded
 tests and the grader, `course/README_STUDENT.md` as README.md (with the task table filled in from
 `course.tasks`) and `course/report_template.md` as report.md. Left out: the solution's report and figures
-(fig/), checkpoints, caches, virtual environments, dist/, the hidden graded tests (grading/hidden/) and the tests
-of the solution's own results or of this tooling (PRIVATE).
+(fig/), checkpoints, caches, virtual environments, dist/, the hidden graded checks (grading/hidden/), the theory
+problems' solutions (`course.regions.PRIVATE_SOURCES`, `notebooks/0_theory.ipynb`: the report template asks for
+the derivations), the package's tests of the task functions (they write the graded formulas out) and the tests of
+the solution's own results or of this tooling (PRIVATE). The public checks' reference outputs, computed from the
+solution, ship in `grading/references/` for the student's preview grade.
 
 Before anything is written, every region must map to a task and every function a task lists must hold a region
-(else its solution would ship). After writing, every module of the release is imported in a fresh interpreter.
+(else its solution would ship). The release is refused if a shipped file repeats two consecutive statement lines
+of a solution region (`course.audit`). After writing, every module of the release is imported in a fresh
+interpreter.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ from pathlib import Path
 
 import nbformat
 
-from course.regions import PACKAGES, Region, RegionError, scan_tree, source_files, strip_regions
+from course.audit import find_leaks
+from course.references import SHIPPED, write_public_references
+from course.regions import PACKAGES, PRIVATE_SOURCES, Region, RegionError, scan_tree, source_files, strip_regions
 from course.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = (*PACKAGES, "notebooks", "tests", "grading", "course")
 TOP_FILES = ("Makefile", "requirements.txt", "requirements-offline.txt", "pyproject.toml", ".gitignore")
-PRIVATE = ("grading/hidden", "tests/test_course.py", "tests/test_report.py")
+PRIVATE = ("grading/hidden", "tests/test_course.py", "tests/test_report.py", "tests/test_theory.py",
+           "tests/test_grade_attacks.py", "notebooks/0_theory.ipynb", "course/audit.py", str(SHIPPED),
+           *PRIVATE_SOURCES, *(p for t in TASKS for p in t.package_tests))
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".ruff_cache"}
 STUDENT_README = "course/README_STUDENT.md"
 REPORT_TEMPLATE = "course/report_template.md"
@@ -69,6 +78,11 @@ def build_release(out: Path, root: Path = ROOT, check_imports: bool = True) -> R
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         files = _write_tree(root, staging, regions)
+        leaks = find_leaks(staging, regions, root)
+        if leaks:
+            raise RegionError(f"the release would leak the solution in {len(leaks)} place(s); not written:\n"
+                              + "\n".join(str(leak) for leak in leaks[:20]))
+        files += write_public_references(root, staging / SHIPPED)
         if check_imports:
             check_release_imports(staging)
         if out.exists():
@@ -138,7 +152,7 @@ def task_table(regions: list[Region]) -> str:
         mine = [r for r in regions if r.task is task]
         functions = ", ".join(dict.fromkeys(f"`{r.function}`" for r in mine))
         files = ", ".join(dict.fromkeys(f"`{r.path}`" for r in mine))
-        checks = " ".join(f"`{p}`" for p in (*task.tests, *task.package_tests))
+        checks = f"`make grade TASKS={task.id}`"
         rows.append(f"| {task.id} {task.title} | {functions} | {files} | `{task.notebook}` | {task.points} | "
                     f"{checks} |")
     return "\n".join(rows)
