@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import checkpoint_dir
+from common import checkpoint_dir, dist
 from common.io import atomic_save
 from common.logging import read_csv
 from fm.dpo import dpo_config, train_dpo
@@ -53,10 +53,11 @@ NOTEBOOKS = {"sft": "1_2_sft", "dpo": "1_3_dpo", "vae": "2_1_vae", "vae_gan": "2
 TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000}  # the official training sets: the full VAE presets count epochs
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1024, 512  # images per split of the synthetic data dir (>= any probed batch)
 
-# Overrides for a CPU: a micro-batch of one or a few examples, 64-token sequences, tiny evaluation sets.
+# Overrides for a CPU: a micro-batch of one or a few examples, 64-token sequences, tiny evaluation sets; they also run
+# in 2 processes (tests/test_distributed.py): grad_accum, the image batches and the validation batches split in two.
 REDUCED: dict[str, dict[str, Any]] = {
     "sft": dict(batch_size=1, grad_accum=2, block_size=64, train_examples=4, eval_examples=2),
-    "dpo": dict(batch_size=1, grad_accum=2, block_size=64, eval_batch_size=2, train_pairs=4, val_pairs=2),
+    "dpo": dict(batch_size=1, grad_accum=2, block_size=64, eval_batch_size=1, train_pairs=4, val_pairs=2),
     "vae": dict(batch_size=4, eval_size=4),
     "vae_gan": dict(batch_size=4, eval_size=4),
     "classifier": dict(batch_size=8, eval_size=8),
@@ -131,8 +132,9 @@ def random_base_checkpoint(cfg: VAEConfig) -> None:
     a preset run trains no 2.1 VAE (it runs in scratch checkpoint folders, never the real ones)."""
     base = base_config(cfg)
     path = checkpoint_dir() / "vae" / base.run_name() / "model.pt"
-    if not path.is_file():
-        atomic_save({"config": dataclasses.asdict(base), "state_dict": build_vae(base).state_dict()}, path)
+    with dist.main_process_first():  # under torchrun: rank 0 writes it (every rank builds the same weights)
+        if not path.is_file():
+            atomic_save({"config": dataclasses.asdict(base), "state_dict": build_vae(base).state_dict()}, path)
 
 
 def _known(make: Callable[..., Any], *args: Any, profile: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,10 @@ loop are needed. Pieces, each with one job:
 
 The analysis of a trained policy (the 1.3.1 identity, the gradient check, rewards by kind, the implicit reward of any
 response) is in `fm.dpo_analysis`.
+
+Several GPUs: `torchrun --nproc_per_node=8 -m fm.dpo train --profile full` (or HW3_NPROC=8, which makes `train_dpo`
+launch that itself). The ranks share out the on-policy sampling, the reference pass, the training batches and the
+validation batches; rank 0 writes the pair and reference caches, the checkpoints and the policy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import cache_dir, get_device, make_config, seed_everything
+from common import cache_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.config import check, config_digest
 from common.io import atomic_save
 from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
@@ -124,10 +129,12 @@ def ipo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     _check_logps((chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps), beta)
     if label_smoothing != 0.0:
         raise ValueError("IPO has no label smoothing (its target margin already bounds the loss); pass 0.0")
+    ### BEGIN SOLUTION
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    ### END SOLUTION
 
 
 # The losses a DPO run can use (`DPOConfig.loss`); "cdpo" is `dpo_loss` with label smoothing (conservative DPO).
@@ -208,7 +215,8 @@ def build_preference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module
     """Tokenize `pairs` and cache the reference's log-probs of them (chunks of `batch_size`, in order).
 
     The pairs are kept in order of their longer side's length (a stable sort), so consecutive chunks, those of the
-    reference pass and of the validation batches, hold sequences of similar length and little padding.
+    reference pass and of the validation batches, hold sequences of similar length and little padding. Under torchrun
+    each rank computes a consecutive part of the chunks (the same chunks), and every rank gathers all of them.
     """
     tokenized = []
     for pair in pairs:
@@ -219,7 +227,11 @@ def build_preference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module
         raise ValueError(f"no preference pair keeps a response token within block_size={block_size}")
     tokenized.sort(key=lambda t: max(len(t[0][0]["input_ids"]), len(t[0][1]["input_ids"])))
     examples, kinds = [t[0] for t in tokenized], [t[1] for t in tokenized]
-    chosen, rejected = pair_logps(reference.eval(), examples, padding_id(tokenizer), batch_size, desc=desc)
+    chunks = dist.split_range(-(-len(examples) // batch_size))  # this rank's chunks of the reference pass
+    mine = examples[chunks.start * batch_size : chunks.stop * batch_size]
+    parts = dist.gather(pair_logps(reference.eval(), mine, padding_id(tokenizer), batch_size,
+                                   desc=desc if dist.is_main_process() else None) if mine else None)
+    chosen, rejected = (torch.cat([p[i] for p in parts if p is not None]) for i in (0, 1))
     return PreferenceData(examples, kinds, chosen, rejected, padding_id(tokenizer))
 
 
@@ -235,7 +247,9 @@ def reference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module, block
     if path.exists():
         return PreferenceData(**torch.load(path, weights_only=True))
     data = build_preference_data(pairs, tokenizer, reference, block_size, batch_size, desc)
-    atomic_save(vars(data), path)
+    if dist.is_main_process():  # one writer; the gather above kept every rank from reading a half-written file
+        atomic_save(vars(data), path)
+    dist.barrier()
     return data
 
 
@@ -399,7 +413,8 @@ def build_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None) ->
                          desc="reference log-probs (val)")
     if len(train) < cfg.examples_per_step:
         raise ValueError(f"{len(train)} training pairs cannot fill a batch of {cfg.examples_per_step}")
-    print(f"DPO ({cfg.loss}): {len(train)} train / {len(val)} validation pairs of <= {cfg.block_size} tokens, "
+    if dist.is_main_process():
+        print(f"DPO ({cfg.loss}): {len(train)} train / {len(val)} validation pairs of <= {cfg.block_size} tokens, "
           f"beta={cfg.beta}")
 
     trainer = make_trainer(cfg, policy, dpo_dir(cfg) / "run", desc="dpo")
@@ -420,6 +435,12 @@ def preference_pairs(cfg: DPOConfig, reference: nn.Module, tokenizer) -> tuple[l
     if source != "sentiment":
         return (load_preference_pairs("train", source, cfg.train_pairs or None, cfg.seed),
                 load_preference_pairs("validation", source, cfg.val_pairs, cfg.seed))
+    world = dist.world_size()  # the ranks share out each batch of prompts (`sentiment_pairs`)
+    if cfg.sample_batch_size % (2 * world):
+        raise ValueError(f"sample_batch_size {cfg.sample_batch_size} replies answer {cfg.sample_batch_size / 2:g} "
+                         f"prompts (pairs) per generation batch, {cfg.sample_batch_size / 2 / world:g} per rank with "
+                         f"NPROC={world}; a rank needs a whole number of pairs (both replies of a prompt): set "
+                         f"sample_batch_size to a multiple of {2 * world}")
     sampling = dict(max_new_tokens=cfg.reply_tokens, margin=cfg.tie_margin, batch_size=cfg.sample_batch_size // 2,
                     seed=cfg.seed)
     return (sentiment_pairs(reference, tokenizer, "train", cfg.sampled_pairs, **sampling),
@@ -443,7 +464,13 @@ def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = No
     `common.trainer.Trainer`. With `resume`, training continues from the checkpoint in `dpo_dir(cfg)/run/`.
     `model`/`tokenizer`: the SFT model, as in `build_dpo`. The trained policy is saved to `dpo_dir(cfg)`
     (`load_dpo_models` reads it) and returned in eval mode.
+
+    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m fm.dpo train`,
+    whose reference is `load_or_train_sft(cfg.sft_profile)`), then this call loads the finished run rank 0 saved.
     """
+    if dist.launch_requested():
+        dist.launch_run("fm.dpo", cfg, dpo_config(get_profile()), get_profile(), resume)
+        resume = True  # below: the caches and the finished checkpoint load, no step runs
     setup = build_dpo(cfg, model, tokenizer)
     setup.trainer.fit(setup.step_fn, setup.eval_fn, resume=resume)
     setup.policy = merge_lora(setup.policy).eval()
@@ -472,3 +499,14 @@ def load_dpo_models(profile: str, fallback: nn.Module | None = None) -> tuple[nn
         print(f"no DPO policy in {out}; using the given DPO policy instead")
         policy = fallback
     return policy.eval(), reference.eval().requires_grad_(False), tokenizer, cfg.beta
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fm.dpo train --profile full [--set key=json ...] [--resume]`, in one process or under torchrun."""
+    args = dist.train_args(argv, "Direct Preference Optimization of fm.dpo (the run of notebook 1_3)")
+    with dist.distributed():
+        train_dpo(dpo_config(args.profile, **args.overrides), resume=args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

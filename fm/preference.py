@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common import cache_dir
+from common import cache_dir, dist
 from fm.data import (
     HH_DATASET,
     IGNORE_INDEX,
@@ -229,7 +229,8 @@ def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, m
     oracle can rank, until n_pairs are kept. The pairs are cached in cache_dir()/preference_pairs/, keyed by the
     policy's weights (`weights_digest`), the prompts and the sampling settings: a rerun skips the sampling, a request
     for fewer pairs takes the first ones, one for more samples only the missing batches, and another policy samples
-    anew.
+    anew. Under torchrun each rank answers a consecutive part of every batch's prompts (seeded by their position, as
+    one process seeds a batch) and all ranks gather the pairs; rank 0 writes the cache.
     """
     _check_split(split)
     if tokenizer is None or getattr(tokenizer, "eos_token_id", None) is None:
@@ -252,16 +253,24 @@ def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, m
             raise ValueError(f"the {len(prompts)} {split} prompts gave only {len(pairs)} pairs with a reward gap >= "
                              f"{margin}; ask for fewer pairs or lower the margin")
         chunk = prompts[used : used + batch_size]
-        out = sample_completions(policy, tokenizer, chunk + chunk, max_new_tokens, batch_size=2 * len(chunk),
-                                 seed=seed * 1_000_003 + used, temperature=1.0)
-        rewards = sentiment_reward(out.replies)
-        k = len(chunk)
-        pairs += label_pairs(chunk, out.replies[:k], out.replies[k:], rewards[:k], rewards[k:], margin)
-        used += k
+        part = dist.split_range(len(chunk))  # this rank's prompts of the batch (all of them in one process)
+        mine, labelled = chunk[part.start : part.stop], []
+        if mine:
+            out = sample_completions(policy, tokenizer, mine + mine, max_new_tokens, batch_size=2 * len(mine),
+                                     seed=seed * 1_000_003 + used + part.start, temperature=1.0)
+            rewards = sentiment_reward(out.replies)
+            k = len(mine)
+            labelled = label_pairs(mine, out.replies[:k], out.replies[k:], rewards[:k], rewards[k:], margin)
+        pairs += [pair for part_pairs in dist.gather(labelled) for pair in part_pairs]
+        used += len(chunk)
+    if not dist.is_main_process():
+        dist.barrier()  # while rank 0 writes the cache
+        return pairs[:n_pairs]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"settings": settings, "prompts_sampled": used, "pairs": pairs}, indent=1))
     tmp.replace(path)
+    dist.barrier()
     print(f"{n_pairs} {split} sentiment pairs: {len(pairs)} kept of {used} prompts answered twice "
           f"(sampled {used - cached['prompts_sampled']} now), cached in {path}")
     return pairs[:n_pairs]

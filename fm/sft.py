@@ -7,10 +7,14 @@ Gradient accumulation normalises by the supervised tokens of the whole accumulat
     cfg = sft_config("quick")
     result = train_sft(cfg)                        # trains, saves to checkpoints/sft/quick_<config digest>/
     model, tokenizer = load_or_train_sft("quick")  # what DPO calls: loads that model, or trains it first
+
+Several GPUs: `torchrun --nproc_per_node=8 -m fm.sft train --profile full` (or HW3_NPROC=8, which makes `train_sft`
+launch that itself); see `common.dist`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import get_device, make_config, seed_everything
+from common import dist, get_device, get_profile, make_config, seed_everything
 from common.config import check
 from common.params import count_parameters
 from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
@@ -156,9 +160,10 @@ def build_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None) ->
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
-    print(f"SFT of {type(model).__name__}: {trainable:,} of {total:,} parameters trainable "
-          f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}); "
-          f"{len(train)} train / {len(val)} validation examples of <= {cfg.block_size} tokens")
+    if dist.is_main_process():
+        print(f"SFT of {type(model).__name__}: {trainable:,} of {total:,} parameters trainable "
+              f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}); "
+              f"{len(train)} train / {len(val)} validation examples of <= {cfg.block_size} tokens")
 
     model.to(get_device(cfg.device))
     trainer = make_trainer(cfg, model, sft_dir(cfg) / "run", desc="sft")
@@ -175,7 +180,13 @@ def train_sft(cfg: SFTConfig, resume: bool = False, model: nn.Module | None = No
 
     `model`/`tokenizer` default to `load_lm(cfg.model)`; a given model is trained in place. With `resume`, training
     continues from the checkpoint in `sft_dir(cfg)/run/` (same result as an uninterrupted run).
+
+    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m fm.sft train`,
+    which loads `cfg.model` itself), then this call loads the finished run that rank 0 saved.
     """
+    if dist.launch_requested():
+        dist.launch_run("fm.sft", cfg, sft_config(get_profile()), get_profile(), resume)
+        resume = True  # below: the finished checkpoint loads, no step runs
     setup = build_sft(cfg, model, tokenizer)
     setup.trainer.fit(setup.step_fn, setup.eval_fn, resume=resume)
     model = merge_lora(setup.model).eval()
@@ -200,6 +211,13 @@ def load_or_train_sft(profile: str | None = None, **overrides) -> tuple[nn.Modul
     return result.model, result.tokenizer
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fm.sft train --profile full [--set key=json ...] [--resume]`, in one process or under torchrun."""
+    args = dist.train_args(argv, "Supervised fine-tuning of fm.sft (one run of notebook 1_2)")
+    with dist.distributed():
+        train_sft(sft_config(args.profile, **args.overrides), resume=args.resume)
+
+
 # ---------------------------------------------------------------------------------------------- samples
 @torch.no_grad()
 def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str] = PROMPTS, seed: int = 0,
@@ -221,3 +239,7 @@ def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[str] = PROMP
             new = new[: new.index(tokenizer.eos_token_id)]
         replies.append(tokenizer.decode(new).strip())
     return replies
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from common import checkpoint_dir, get_device
+from common import checkpoint_dir, dist, get_device
 from common.config import check, config_digest
 from common.trainer import Trainer, build_optimizer, warmup_cosine
 from fm.generate import context_length
@@ -99,9 +99,12 @@ def make_trainer(cfg: LMTrainConfig, model: nn.Module, run_dir: Path, desc: str)
 
 
 def save_trained(model: nn.Module, tokenizer, cfg: LMTrainConfig, out: Path) -> None:
-    """Save the trained model with `save_lm` to `out`, then the config (which marks the save complete)."""
-    save_lm(model, tokenizer, out)
-    (out / SAVED_CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
+    """Save the trained model with `save_lm` to `out`, then the config (which marks the save complete). Under
+    torchrun rank 0 writes (every rank holds the same weights) and the others wait for it."""
+    if dist.is_main_process():
+        save_lm(model, tokenizer, out)
+        (out / SAVED_CONFIG).write_text(json.dumps(asdict(cfg), indent=2))
+    dist.barrier()
 
 
 def is_saved(out: Path) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.checks import wilson_interval as binomial_interval
 from common.config import check, config_digest
 from common.data import batch_indices
@@ -258,10 +258,12 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=True)
     run_dir = checkpoint_dir() / "classifier" / cfg.run_name()
+    # distributed=False: under torchrun, rank 0 alone trains it (`load_or_train_classifier`), so its BatchNorm
+    # statistics are those of one process's batches, as in a one-process run
     trainer = Trainer(run_dir, {"classifier": model}, {"classifier": optimizer}, steps=cfg.steps, grad_clip=None,
                       schedulers={"classifier": warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, min_ratio=0.0)},
                       device=device, desc=f"classifier {cfg.dataset}",
-                      progress=cfg.progress, log_interval=cfg.log_interval)
+                      progress=cfg.progress, log_interval=cfg.log_interval, distributed=False)
 
     def step_fn(step: int) -> Metrics:
         idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
@@ -284,11 +286,17 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
 
 
 def load_or_train_classifier(dataset: str, profile: str | None = None, **overrides) -> ClassifierRun:
-    """The evaluation classifier of `dataset` for the profile: loaded from its checkpoint, trained if missing."""
+    """The evaluation classifier of `dataset` for the profile: loaded from its checkpoint, trained if missing.
+
+    Under torchrun rank 0 trains it in one process while the other ranks wait, then they load it: the classifier is
+    small next to the runs that use it, and its BatchNorm keeps one process's statistics (SyncBatchNorm has no CPU
+    kernel, so this path is the one the CPU tests run). With HW3_NPROC > 1 a notebook trains it in its own process.
+    """
     cfg = classifier_config(dataset, profile, **overrides)
     path = checkpoint_dir() / "classifier" / cfg.run_name() / "model.pt"
-    if not path.is_file():
-        return train_classifier(cfg)
+    with dist.main_process_first():
+        if not path.is_file():
+            return train_classifier(cfg)
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = Classifier(cfg.in_channels, width=cfg.width, width_mults=cfg.width_mults, flip_tta=cfg.flip)
     model.load_state_dict(state["state_dict"])

@@ -4,18 +4,23 @@ Pipeline: encode the data set once with the frozen VAE of task 2.1 (posterior me
 normalise the latents per channel (mean/std are buffers of `LatentDiffusion`, so they travel with the
 checkpoint), train the UNet with `common.trainer.Trainer` (EMA of the weights, label dropout for classifier-free
 guidance), sample latents with DDPM or DDIM and decode them with the VAE decoder.
+
+Several GPUs: `torchrun --nproc_per_node=8 -m gm.ldm train --profile full --dataset cifar10` (or HW3_NPROC=8, which
+makes `train_ldm` launch that itself). Rank 0 encodes and caches the latents (the others wait), each rank trains on
+batch_size / N latents of the step's batch with its own timesteps and noise, and the validation loss is shared out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from common import cache_dir, checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common import cache_dir, checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
@@ -202,18 +207,20 @@ def encode_images(vae: VAE, images: Tensor, batch_size: int = 500) -> Tensor:
 
 def cached_latents(vae: VAE, dataset: str, split: str, limit: int | None = None,
                    vae_digest: str | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """(latents, labels) of `limit` random images of a split (all if None), encoded once and cached per VAE."""
+    """(latents, labels) of `limit` random images of a split (all if None), encoded once and cached per VAE. Under
+    torchrun rank 0 encodes and writes the cache; the other ranks wait, then read it."""
     digest = vae_digest or weights_digest(vae)
     path = cache_dir() / "ldm_latents" / f"{dataset}_{split}_{limit or 'all'}_s{seed}_{digest[:12]}.pt"
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        return cached["latents"], cached["labels"]
-    images, labels = load_dataset(dataset, split)
-    idx = subset_indices(len(images), limit, seed)
-    images, labels = images[idx], labels[idx]
-    latents = encode_images(vae, images)
-    atomic_save({"latents": latents, "labels": labels}, path)
-    return latents, labels
+    with dist.main_process_first():
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            return cached["latents"], cached["labels"]
+        images, labels = load_dataset(dataset, split)
+        idx = subset_indices(len(images), limit, seed)
+        images, labels = images[idx], labels[idx]
+        latents = encode_images(vae, images)
+        atomic_save({"latents": latents, "labels": labels}, path)
+        return latents, labels
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -232,8 +239,17 @@ class LDMRun:
 
 
 def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LDMRun:
-    """Train (or, when the run's checkpoint is complete, just load) the latent diffusion model of `cfg`."""
+    """Train (or, when the run's checkpoint is complete, just load) the latent diffusion model of `cfg`.
+
+    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m gm.ldm train`,
+    which encodes with `load_or_train_vae(cfg.dataset, cfg.vae_profile or cfg.profile)`: a given `vae` must be that
+    one), then this call loads the finished run that rank 0 saved.
+    """
+    if dist.launch_requested():
+        dist.launch_run("gm.ldm", cfg, ldm_config(cfg.dataset, cfg.profile), cfg.profile, resume, cfg.dataset)
+        resume = True  # below: the cached latents and the finished checkpoint load, no step runs
     seed_everything(cfg.seed)
+    dist.shard_size(cfg.batch_size, "LDMConfig.batch_size")  # a clear error before any work
     device = get_device(cfg.device)
     vae = (vae or load_or_train_vae(cfg.dataset, cfg.vae_profile or cfg.profile)).to(device).eval()
     digest = weights_digest(vae)
@@ -255,14 +271,16 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
                       ckpt_interval=cfg.eval_interval, device=device, bf16=cfg.bf16, desc=f"LDM {cfg.dataset}",
                       progress=cfg.progress, log_interval=cfg.log_interval)
 
+    net = trainer.models["ldm"]  # the DDP wrapper under torchrun
+
     def step_fn(step: int) -> Metrics:
-        idx = batch_indices(len(train_z), cfg.batch_size, step, cfg.seed).to(device)
+        idx = dist.shard(batch_indices(len(train_z), cfg.batch_size, step, cfg.seed)).to(device)  # this rank's part
         z, y = train_z[idx], train_y[idx]
-        drop = torch.rand(y.shape, device=device) < cfg.class_dropout
+        drop = torch.rand(y.shape, device=device) < cfg.class_dropout  # label dropout, t and noise: drawn per rank
         y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
         t = torch.randint(0, cfg.timesteps, y.shape, device=device)
         with trainer.autocast():
-            loss = diffusion.p_losses(model, z, t, y)
+            loss = diffusion.p_losses(net, z, t, y)
         loss.backward()
         trainer.optimizer_step("ldm")
         return {"loss": loss.detach()}
@@ -273,13 +291,25 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
     val_noise = torch.randn(test_z.shape, generator=gen).to(device)
 
     def eval_fn(step: int) -> Metrics:
-        return {name: diffusion.p_losses(m, test_z, val_t, test_y, val_noise).item()
-                for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow))}
+        """Several ranks each take a part of the test latents and sum their weighted mean losses."""
+        rows = dist.split_range(len(test_z))
+        part, weight = slice(rows.start, rows.stop), len(rows) / len(test_z)
+        return trainer.sum_over_ranks({
+            name: diffusion.p_losses(m, test_z[part], val_t[part], test_y[part], val_noise[part]).item() * weight
+            for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow))})
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     model.eval()
     return LDMRun(cfg, model, ema.shadow.eval(), vae, tuple(train_z.shape[-2:]), trainer.train_log.rows,
                   trainer.eval_log.rows, run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gm.ldm train --profile full --dataset cifar10 [--set key=json ...] [--resume]`: one LDM run (and
+    its VAE first, if missing), in one process or under torchrun."""
+    args = dist.train_args(argv, "Train the latent diffusion model of gm.ldm (a run of notebook 2_3)", dataset=True)
+    with dist.distributed():
+        train_ldm(ldm_config(args.dataset, args.profile, **args.overrides), resume=args.resume)
 
 
 def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
@@ -440,3 +470,7 @@ def summary(rows: list[dict], cfg: LDMConfig) -> dict:
         out |= {f"{key}_cond_acc": row["cond. accuracy"], f"{key}_cond_acc_ci": list(row["acc. 95% CI"]),
                 f"{key}_fd": row["feature FD"], f"{key}_fd_ci": list(row["FD 95% CI"])}
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,18 +7,23 @@ Loss of the VAE step, per image and averaged over the batch (the ELBO's conventi
 step per iteration trains the discriminator with the hinge loss on real images vs. detached reconstructions. Both
 steps run inside `common.trainer.Trainer`. `gan_config` gives the 2.2 runs: warm-started from the 2.1 VAE of the
 same kl_weight, adversarial from their first step (taming's `disc_start` at the end of autoencoder training).
+
+Several GPUs: `torchrun --nproc_per_node=8 -m gm.train train --profile full --dataset cifar10 [--set kl_weight=1e-3]`
+(or HW3_NPROC=8, which makes `train_vae` launch that itself). Each rank takes batch_size / N images of the step's
+batch; the VAE and the discriminator are each wrapped in DDP; the evaluation is shared out and summed over the ranks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common import checkpoint_dir, get_device, get_profile, make_config, seed_everything
+from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.checks import mean_and_se
 from common.config import check, config_digest
 from common.data import batch_indices
@@ -169,8 +174,15 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
 
     With `resume`, a run continues from its checkpoint (and returns at once if it had finished). Writes the
     trainer's CSVs and checkpoint, and `model.pt` (config + VAE weights) for `load_vae`.
+
+    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m gm.train train`),
+    then this call loads the finished run that rank 0 saved.
     """
+    if dist.launch_requested():
+        dist.launch_run("gm.train", cfg, vae_config(cfg.dataset, cfg.profile), cfg.profile, resume, cfg.dataset)
+        resume = True  # below: the finished checkpoint loads, no step runs
     seed_everything(cfg.seed)
+    dist.shard_size(cfg.batch_size, "VAEConfig.batch_size")  # a clear error before any work
     device = get_device(cfg.device)
     train_images = load_dataset_uint8(cfg.dataset, "train")[0].to(device)  # uint8: 4x less memory than float
     eval_images = _test_images(cfg.dataset, cfg.eval_size, device)
@@ -198,22 +210,28 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
                       log_interval=cfg.log_interval)
 
     last_layer = vae.decoder.net[-1].weight  # where taming measures the two gradients
+    vae_net, disc_net = trainer.models["vae"], trainer.models.get("disc")  # DDP wrappers under torchrun
 
     def step_fn(step: int) -> Metrics:
-        x = to_float(train_images[batch_indices(len(train_images), cfg.batch_size, step, cfg.seed).to(device)])
+        idx = dist.shard(batch_indices(len(train_images), cfg.batch_size, step, cfg.seed))  # this rank's images
+        x = to_float(train_images[idx.to(device)])
         gan_on = cfg.use_gan and step >= cfg.gan_loss_start
         with trainer.autocast():
-            recon, mean, logvar = vae(x)
+            recon, mean, logvar = vae_net(x)
             rec = reconstruction_loss(recon.float(), x)
             kl = kl_divergence(mean.float(), logvar.float()).mean()
             loss = rec + cfg.kl_weight * kl
             metrics = {"recon_loss": rec.detach(), "kl": kl.detach()}
             if gan_on:
-                disc.requires_grad_(False)  # the generator step must not leave gradients in D
+                disc.requires_grad_(False)  # the generator step must not leave gradients in D (nor reduce them)
                 g_loss = g_hinge_loss(disc(recon).float())
                 disc.requires_grad_(True)
-                d_weight = (adaptive_gan_weight(rec, g_loss, last_layer) if cfg.gan_mode == "adaptive"
-                            else torch.ones((), device=device))
+                if cfg.gan_mode == "fixed":
+                    d_weight = torch.ones((), device=device)
+                elif trainer.world == 1:
+                    d_weight = adaptive_gan_weight(rec, g_loss, last_layer)
+                else:
+                    d_weight = adaptive_weight_over_ranks(rec, g_loss, last_layer)
                 loss = loss + cfg.gan_weight * d_weight * g_loss
                 metrics |= {"g_loss": g_loss.detach(), "d_weight": d_weight}
         loss.backward()
@@ -221,7 +239,7 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
         metrics["grad_norm"] = trainer.optimizer_step("vae")
         if gan_on:
             with trainer.autocast():
-                real_logits, fake_logits = disc(x).float(), disc(recon.detach()).float()
+                real_logits, fake_logits = disc_net(x).float(), disc_net(recon.detach()).float()
                 d_loss = d_hinge_loss(real_logits, fake_logits)
             d_loss.backward()
             trainer.optimizer_step("disc")
@@ -230,18 +248,39 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
         return metrics
 
     def eval_fn(step: int) -> Metrics:
+        """Means over the evaluation images; several ranks each take a part and sum the weighted means."""
         model = ema["vae"].shadow if ema else vae
-        recon, mean, logvar = model(eval_images)
-        return {"test_recon_error": reconstruction_loss(recon, eval_images).item(),
-                "test_kl": kl_divergence(mean, logvar).mean().item()}
+        part = dist.split_range(len(eval_images))
+        images, weight = eval_images[part.start : part.stop], len(part) / len(eval_images)
+        recon, mean, logvar = model(images)
+        return trainer.sum_over_ranks({"test_recon_error": reconstruction_loss(recon, images).item() * weight,
+                                       "test_kl": kl_divergence(mean, logvar).mean().item() * weight})
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     final = (ema["vae"].shadow if ema else vae).eval()
-    # atomic: a concurrent `load_vae` never reads a half-written file
-    atomic_save({"config": dataclasses.asdict(cfg), "state_dict": final.state_dict()}, run_dir / "model.pt")
+    if dist.is_main_process():  # atomic: a concurrent `load_vae` never reads a half-written file
+        atomic_save({"config": dataclasses.asdict(cfg), "state_dict": final.state_dict()}, run_dir / "model.pt")
+    dist.barrier()
     if disc is not None:
         disc.eval()
     return VAERun(cfg, final, disc, trainer.train_log.rows, trainer.eval_log.rows, run_dir)
+
+
+def adaptive_weight_over_ranks(rec_loss: torch.Tensor, g_loss: torch.Tensor,
+                               last_layer: torch.Tensor) -> torch.Tensor:
+    """`gm.loss.adaptive_gan_weight` of the global batch under DDP: each rank's last-layer gradients of its shard's
+    mean losses, averaged over the ranks (the gradients of the global batch's means), then the same clamped ratio."""
+    rec_grad, g_grad = (dist.average_(torch.autograd.grad(loss, last_layer, retain_graph=True)[0])
+                        for loss in (rec_loss, g_loss))
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gm.train train --profile full --dataset cifar10 [--set key=json ...] [--resume]`: one VAE (or
+    VAE+GAN) run, in one process or under torchrun."""
+    args = dist.train_args(argv, "Train a VAE or VAE+GAN of gm.train (a run of notebooks 2_1 / 2_2)", dataset=True)
+    with dist.distributed():
+        train_vae(vae_config(args.dataset, args.profile, **args.overrides), resume=args.resume)
 
 
 def load_vae(path: str | Path, device: str | torch.device | None = None) -> VAE:
@@ -353,3 +392,7 @@ def curve(rows: list[dict], key: str, window: int = 1) -> tuple[list[float], lis
     smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
               for i in range(len(values))]
     return list(steps), smooth
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Several processes, one training run: 2 gloo processes on this CPU, started by torchrun (`tests/ddp_runs.py`).
+
+- One step of SFT, DPO, the VAE+GAN and the LDM through their library functions in 2 processes (SFT and DPO: 2
+  micro-batches each, grad_accum=4 in all; VAE+GAN and LDM: 2 images each of a batch of 4) gives the one-process
+  step's gradients and parameters.
+- A DDP run killed between checkpoints and resumed equals the uninterrupted DDP run; the ranks draw different numbers.
+- Rank 1 writes no file; only rank 0 does.
+- Every full preset takes 2 steps in 2 processes, at the CPU size of `bench.full_presets`.
+- The launcher's errors: NPROC above the GPUs, a batch that does not split over the ranks, DPO's pairs per rank.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.full_presets import RUNS, write_synthetic_images
+from common import dist
+from common.paths import repo_root
+from tests.ddp_runs import EQUALITY_RUNS, one_step
+
+pytestmark = pytest.mark.distributed
+
+TOL = 1e-6
+# A gradient entry below this is float32 rounding noise of a gradient that is zero in exact arithmetic (a conv bias
+# right before a GroupNorm): Adam's first step lr * g / (|g| + 1e-8) turns the noise's sign into a step of up to lr,
+# whatever the process count. Parameters are compared where the gradient is larger.
+NOISE = 1e-6
+
+
+def _torchrun(scenario: str, root: Path) -> Path:
+    """Run `tests.ddp_runs <scenario>` in 2 processes with HW3_*_DIR under `root`; returns its output folder."""
+    out = root / "out"
+    env = {**os.environ, "HW3_DATA_DIR": str(root / "data"), "OMP_NUM_THREADS": "1", "HW3_PROFILE": "smoke"}
+    env.pop("HW3_NPROC", None)
+    for variable, name in (("HW3_CKPT_DIR", "checkpoints"), ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
+        env[variable] = str(root / "scratch" / name)
+        (root / "scratch" / name).mkdir(parents=True)  # existing roots: only the runs' own writes remain
+    out.mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tests.ddp_runs", scenario, str(out)], cwd=repo_root(), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_images(tmp_path_factory.mktemp("ddp_data"))
+
+
+@pytest.fixture(scope="module")
+def equality(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("ddp_equality")
+    (root / "data").symlink_to(data)
+    return _torchrun("equality", root)
+
+
+@pytest.mark.parametrize("run", EQUALITY_RUNS)
+def test_two_processes_take_the_one_process_step(run, equality, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HW3_DATA_DIR", str(data))
+    monkeypatch.setenv("HW3_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("HW3_NPROC", raising=False)
+    reference = one_step(run)
+    ddp = torch.load(equality / f"{run}.pt", weights_only=False)
+    assert set(ddp) == set(reference)
+    for module, ref in reference.items():
+        grads, params = ddp[module]["grads"], ddp[module]["params"]
+        assert grads.keys() == ref["grads"].keys() and params.keys() == ref["params"].keys()
+        grad_diff = max((grads[k] - g).abs().max().item() for k, g in ref["grads"].items())
+        param_diff = max(((params[k] - ref["params"][k]).abs() * (g.abs() > NOISE)).max().item()
+                         for k, g in ref["grads"].items())
+        print(f"{run}/{module}: max |grad difference| {grad_diff:.2e}, max |parameter difference| {param_diff:.2e} "
+              f"(max |grad| {max(g.abs().max().item() for g in ref['grads'].values()):.2e})")
+        assert grad_diff <= TOL and param_diff <= TOL
+        for key in set(ref["params"]) - set(ref["grads"]):  # buffers (LDM's latent statistics), tied weights
+            assert (params[key] - ref["params"][key]).abs().max().item() <= TOL, key
+
+
+def test_resume_under_ddp_is_the_uninterrupted_run(equality):
+    result = json.loads((equality / "resume.json").read_text())
+    assert result == {"parameters_equal": True, "rows_equal": True, "eval_equal": True, "steps": [1, 2, 3, 4, 5, 6],
+                      "ranks_draw_differently": True}
+
+
+def test_only_rank_0_writes_files(equality):
+    assert json.loads((equality / "writes.json").read_text()) == []
+    assert (equality / "sft.pt").is_file()  # rank 0 did write (the runs' checkpoints and the results here)
+
+
+def test_every_full_preset_takes_two_steps_in_two_processes(tmp_path, data):
+    (tmp_path / "data").symlink_to(data)
+    rows = json.loads((_torchrun("presets", tmp_path) / "presets.json").read_text())
+    assert set(rows) == {r if d is None else f"{r}-{d}" for r, d in RUNS}
+    for name, row in rows.items():
+        assert row["world"] == 2 and row["last"]["step"] == 2 and row["finite"], (name, row)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_process_counts_and_batches_raise(monkeypatch):
+    monkeypatch.setenv("HW3_NPROC", "0")
+    with pytest.raises(ValueError, match="HW3_NPROC must be a positive integer"):
+        dist.requested_nproc()
+    monkeypatch.setenv("HW3_NPROC", "3")
+    assert dist.launch_requested()  # a notebook process (not a torchrun worker) launches
+    monkeypatch.setattr(dist, "get_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="NPROC=3 processes need 3 GPUs, but this machine has 2"):
+        dist.check_nproc(3)
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match=r"VAEConfig.batch_size \(128\) is not divisible by the 3 processes"):
+        dist.shard_size(128, "VAEConfig.batch_size")
+
+
+def test_make_step_fn_and_dpo_sampling_reject_uneven_shares(monkeypatch, tmp_path):
+    from torch import nn
+
+    from common.trainer import Trainer, make_step_fn
+    from fm.dpo import dpo_config, preference_pairs
+
+    model = nn.Linear(2, 1)
+    trainer = Trainer(tmp_path, {"m": model}, {"m": torch.optim.SGD(model.parameters(), lr=0.1)}, steps=1,
+                      progress=False)
+    trainer.world = 2  # as in a 2-process group
+    with pytest.raises(ValueError, match=r"grad_accum \(3 micro-batches per step\) is not divisible by the 2"):
+        make_step_fn(trainer, model, lambda m, b: None, lambda i: {}, n_examples=8, batch_size=1, grad_accum=3,
+                     optimizer="m")
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    cfg = dpo_config("smoke", data_source="sentiment", sample_batch_size=12)
+    with pytest.raises(ValueError, match=r"6 prompts \(pairs\) per generation batch, 1.5 per rank with NPROC=4"):
+        preference_pairs(cfg, None, None)
+
+
+def test_launch_passes_the_config_to_the_module_entry_point(monkeypatch):
+    from gm.train import gan_config, vae_config
+
+    calls = []
+    monkeypatch.setattr(dist, "launch", lambda module, args: calls.append((module, args)))
+    cfg = gan_config(1e-3, 0.1, "full", "cifar10", gan_mode="adaptive")
+    dist.launch_run("gm.train", cfg, vae_config("cifar10", "full"), "full", resume=True, dataset="cifar10")
+    module, args = calls[0]
+    assert module == "gm.train" and args[:5] == ["train", "--profile", "full", "--dataset", "cifar10"]
+    assert args[-1] == "--resume"
+    parsed = dist.train_args(args[:-1], "test", dataset=True)
+    assert vae_config(parsed.dataset, parsed.profile, **parsed.overrides) == cfg  # the workers build the same run
