@@ -259,3 +259,11 @@ def train_args(argv: Sequence[str] | None, description: str, dataset: bool = Fal
         except json.JSONDecodeError:
             args.overrides[key] = value  # a bare string, e.g. --set data_source=chitchat
     return args
+
+
+def launch_run(module: str, cfg: Any, preset: Any, profile: str, resume: bool, dataset: str | None = None) -> None:
+    """`launch` the `train` entry point of `module` for the config `cfg`: `--profile` (and `--dataset`), plus a
+    `--set` for each field where `cfg` differs from `preset` (the profile's config), so the workers build `cfg`."""
+    args = ["train", "--profile", profile, *(["--dataset", dataset] if dataset else []),
+            *config_overrides(cfg, preset), *(["--resume"] if resume else [])]
+    launch(module, args)
