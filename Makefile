@@ -49,14 +49,15 @@ clean-cache:
 	rm -rf .cache
 
 # make student: the student release in dist/student (solution regions cut out, notebooks without outputs).
-# make grade SUBMISSION=path/to/tree GRADE_OUT=dir: grades a submission (default: this tree) task by task and
-# writes grade.json and grade.md to GRADE_OUT (default: here).
+# make grade SUBMISSION=path/to/tree GRADE_OUT=dir TASKS=1.1,2.3: grades a submission (default: this tree) task by
+# task in a bubblewrap sandbox and writes grade.json and grade.md to GRADE_OUT (default: the submission's folder
+# name + "-grade", beside it: never inside the graded tree).
 SUBMISSION ?= .
-GRADE_OUT ?= .
+GRADE_OUT ?= $(abspath $(SUBMISSION))-grade
 .PHONY: student grade
 
 student: $(VENV)/.installed
 	$(PY) -m course.release --out dist/student
 
 grade: $(VENV)/.installed
-	$(PY) -m course.grade $(SUBMISSION) --out $(GRADE_OUT)
+	$(PY) -m course.grade $(SUBMISSION) --out $(GRADE_OUT)$(if $(TASKS), --tasks $(TASKS))

@@ -143,7 +143,8 @@ def _compare(name: str, expected: Any, received: Any, check: Check) -> str | Non
     if not isinstance(received, int | float) or isinstance(received, bool):
         return f"{what}: expected the number {expected:.6g}, received {_kind(received)}"
     if abs(received - expected) > check.atol + check.rtol * abs(expected) or received != received:
-        return f"{what}: expected {expected:.7g}, received {received:.7g} (absolute error {abs(received - expected):.3g})"
+        error = abs(received - expected)
+        return f"{what}: expected {expected:.7g}, received {received:.7g} (absolute error {error:.3g})"
     return None
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from course import references
 from course.checks import Check, has_hidden, judge, load_checks
 from course.regions import PACKAGES, RegionError, source_files, strip_regions
-from course.sandbox import MODES, Limits, Run, SandboxUnavailable, check_available, run_worker
+from course.sandbox import CODE_IN_SANDBOX, MODES, Limits, Run, SandboxUnavailable, check_available, run_worker
 from course.tasks import TASKS, Task, task_by_id
 from course.worker import load_values, save_values
 
@@ -139,7 +139,7 @@ class Refused(ValueError):
 
 
 def grade(submission: Path, tasks: list[Task] | None = None, timeout: float | None = None, root: Path = ROOT,
-          jobs: int = 1, keep: bool = False, sandbox: str = "bwrap", limits: Limits = Limits()) -> Grade:
+          jobs: int = 1, keep: bool = False, sandbox: str = "bwrap", limits: Limits | None = None) -> Grade:
     """Grade the hw3 tree at `submission` on `tasks` (default: all) with the grader's tree at `root`.
 
     timeout: seconds per task (default: each task's own). jobs: tasks run at the same time. keep: leave the
@@ -149,6 +149,7 @@ def grade(submission: Path, tasks: list[Task] | None = None, timeout: float | No
     if not any((submission / p).is_dir() for p in PACKAGES):
         raise ValueError(f"{submission} is not a hw3 tree: it has none of {', '.join(p + '/' for p in PACKAGES)}")
     check_available(sandbox)
+    limits = limits or Limits()
     tasks = list(TASKS) if tasks is None else tasks
     hidden = has_hidden(root)
     start = time.perf_counter()
@@ -243,19 +244,28 @@ def _judge(check: Check, inputs: dict, stem: Path, root: Path, run: Run) -> tupl
         status = json.loads(outputs.pop(":status"))
     except Exception as err:  # the worker's files are untrusted: anything unreadable is a failure
         return GradedTest(check.label(), "failed", f"unreadable outputs ({type(err).__name__}: {err})"), False
-    if not isinstance(status, dict) or status.get("error"):
-        return GradedTest(check.label(), "failed", f"raised {status.get('error') if isinstance(status, dict) else status}"), False
+    if not isinstance(status, dict):
+        status = {"error": f"an unreadable status {status!r:.80}"}
+    if status.get("error"):
+        return GradedTest(check.label(), "failed", f"raised {status['error']}"), False
     reference = None if check.prop is not None else references.reference(check, inputs, root)
     verdict = judge(check, inputs, outputs, reference)
     return GradedTest(check.label(), "passed" if verdict.passed else "failed", verdict.message), verdict.stub
 
 
 def _how(code: int) -> str:
-    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    """How the worker ended: a negative code is a signal, and so is 128 + n from bwrap (the sandbox's init)."""
+    number = -code if code < 0 else code - 128 if 128 < code < 128 + signal.NSIG else 0
+    return f"was killed by {signal.Signals(number).name}" if number else f"exited with code {code}"
 
 
 def _tail(run: Run) -> str:
+    """Where a crashed worker died: the submission's innermost frame in the fatal-error traceback (the worker runs
+    with faulthandler), else the last lines of its output."""
     lines = [line.strip() for line in run.log.splitlines() if line.strip()]
+    frames = [line for line in lines if line.startswith(f'File "{CODE_IN_SANDBOX}/')]
+    if frames:
+        return f", in {frames[0].removeprefix('File ').replace(f'{CODE_IN_SANDBOX}/', '')}"
     return f" ({' / '.join(lines[-2:])[-300:]})" if lines else ""
 
 

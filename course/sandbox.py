@@ -31,6 +31,7 @@ from course import worker
 MODES = ("bwrap", "none")
 INSTALL = "sudo apt-get install bubblewrap"  # Debian/Ubuntu; the tool's package has this name on most systems
 NOBODY = 65534
+CODE_IN_SANDBOX = "/sub"  # where the worker sees the submission's code
 SANDBOX_TMP_BYTES = 64 << 20
 
 
@@ -101,7 +102,7 @@ def bwrap_command(code: Path, io: Path, timeout: float, limits: Limits) -> list[
             command += ["--ro-bind", path, path]
     for finder in _editable_finders(site):
         command += ["--ro-bind", "/dev/null", f"/venv/site-packages/{finder.relative_to(site)}"]
-    command += ["--ro-bind", str(code), "/sub", "--ro-bind", str(io / "in"), "/io/in", "--bind", str(io / "out"),
+    command += ["--ro-bind", str(code), CODE_IN_SANDBOX, "--ro-bind", str(io / "in"), "/io/in", "--bind", str(io / "out"),
                 "/io/out", "--ro-bind", str(Path(worker.__file__).resolve()), "/grader/worker.py", "--chdir", "/tmp"]
     if os.geteuid() == 0:  # drop to the real uid of nobody, so RLIMIT_NPROC counts the sandbox's processes only
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", "setpriv", f"--reuid={NOBODY}",
@@ -112,8 +113,8 @@ def bwrap_command(code: Path, io: Path, timeout: float, limits: Limits) -> list[
         processes = limits.processes + _processes_of(os.getuid())
     command += ["prlimit", f"--as={limits.memory_bytes}", f"--nproc={processes}", f"--fsize={limits.file_bytes}",
                 f"--cpu={int(timeout) + limits.cpu_margin_s}", "--core=0", "--",
-                str(python), "-I", "-S", "-B", "-c", worker.BOOTSTRAP, "/grader/worker.py", "/sub", "/venv/site-packages",
-                "/io"]
+                str(python), "-I", "-S", "-B", "-X", "faulthandler", "-c", worker.BOOTSTRAP, "/grader/worker.py",
+                CODE_IN_SANDBOX, "/venv/site-packages", "/io"]
     return command
 
 
@@ -130,13 +131,14 @@ def _processes_of(uid: int) -> int:
 def direct_command(code: Path, io: Path) -> list[str]:
     """No sandbox (--sandbox none): the worker in a plain subprocess, with the grader's rights."""
     site = sysconfig.get_paths()["purelib"]
-    return [sys.executable, "-I", "-S", "-B", "-c", worker.BOOTSTRAP, str(Path(worker.__file__).resolve()), str(code),
+    return [sys.executable, "-I", "-S", "-B", "-X", "faulthandler", "-c", worker.BOOTSTRAP, str(Path(worker.__file__).resolve()), str(code),
             site, str(io)]
 
 
-def run_worker(code: Path, io: Path, timeout: float, mode: str = "bwrap", limits: Limits = Limits()) -> Run:
+def run_worker(code: Path, io: Path, timeout: float, mode: str = "bwrap", limits: Limits | None = None) -> Run:
     """Run the worker on `code` with the inputs in `io`/in, writing `io`/out; kill everything at `timeout` s."""
     check_available(mode)
+    limits = limits or Limits()
     out = io / "out"
     out.mkdir(parents=True, exist_ok=True)
     if mode == "bwrap" and os.geteuid() == 0:

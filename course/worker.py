@@ -288,6 +288,8 @@ def run_check(spec: dict, inputs: Values) -> Values:
 
 def describe_error(err: BaseException, code_dir: str | None = None) -> str:
     """`Type: message (file:line)`, the line being the deepest frame in the submission's code."""
+    if isinstance(err, SyntaxError) and code_dir and (err.filename or "").startswith(code_dir):
+        return f"SyntaxError: {err.msg} ({err.filename[len(code_dir):].lstrip('/')}:{err.lineno})"
     text = f"{type(err).__name__}: {err}".strip()
     if len(text) > MESSAGE_CHARS:
         text = text[: MESSAGE_CHARS - 3] + "..."

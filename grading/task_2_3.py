@@ -15,6 +15,11 @@ def _tensors(seed: int, shape: tuple[int, ...] = (5, 4), **extra) -> dict:
             "noise": torch.randn(shape, generator=gen), **extra}
 
 
+def _loss_inputs() -> dict:
+    t = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(3))
+    return _tensors(3, (8, 2, 4, 4), t=t, y=torch.arange(8))
+
+
 def _forward_noise_statistics(inputs: dict, outputs: dict) -> str | None:
     """q_sample(x0 = 1.5, t) without noise: mean sqrt(abar_t) 1.5 and variance 1 - abar_t."""
     abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0)[inputs["t"]].item()
@@ -50,10 +55,9 @@ CHECKS = [
     Check("q_posterior at t = 0 returns x0 with zero variance and a finite log-variance",
           call(f"{DIFFUSION}.q_posterior", "$x0", "$xt", 0, init={}), lambda: _tensors(2), rtol=1e-4),
     *(Check(f"p_losses is the MSE to the {prediction} target; the model gets (x_t, t, y)",
-            call(f"{DIFFUSION}.p_losses", "@model", "$x0", "$t", "$y", init={"timesteps": 100, "prediction": prediction},
-                 objects={"model": ("half_model", None)}, noise="$noise"),
-            lambda: _tensors(3, (8, 2, 4, 4), t=torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(3)),
-                             y=torch.arange(8))) for prediction in ("eps", "v")),
+            call(f"{DIFFUSION}.p_losses", "@model", "$x0", "$t", "$y", noise="$noise",
+                 init={"timesteps": 100, "prediction": prediction}, objects={"model": ("half_model", None)}),
+            _loss_inputs) for prediction in ("eps", "v")),
     *(Check(f"DDPM step (eta = 1) at t = {t}",
             call(STEP, "$noise", t, t - 1, "$xt", init={}, eta=1.0, generator={"generator": 3}),
             lambda t=t: _tensors(20 + t), rtol=1e-4) for t in (0, 1, 500, 999)),
