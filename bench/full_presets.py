@@ -226,7 +226,8 @@ def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str
         vae = build_vae(vae_cfg).eval().requires_grad_(False)  # random weights: what matters here is the shapes
         result = train_ldm(cfg, vae=vae)
         per_step, trained, rows = cfg.batch_size, (result.model,), result.train_rows
-    tokens = float(torch.stack(counts).sum()) / steps if counts else None
+    # tokens of every rank (each counted its own shard's); the examples per step are the global batch's already
+    tokens = float(dist.sum_over_ranks({"tokens": torch.stack(counts).sum()})["tokens"]) / steps if counts else None
     precision = "bf16" if getattr(cfg, "bf16", False) else "fp32"
     peak = torch.cuda.max_memory_allocated() if cuda else None
     return PresetRun(run, dataset, cfg, _parameters(*trained), rows, per_step, tokens, precision, peak)

@@ -1,6 +1,6 @@
 """How long would `make figures PROFILE=full` train on this GPU? Times a few steps of every full training run.
 
-    python -m bench.gpu_probe [--steps 30] [--out fig/gpu_probe.md]
+    python -m bench.gpu_probe [--steps 30] [--out fig/gpu_probe.md] [--nproc 8]
 
 Each training run of the full notebooks (`bench.full_presets.RUNS`: SFT, DPO, VAE, VAE+GAN, classifier, LDM) takes
 `--steps` steps at the preset's full model and batch size, with bf16 autocast where its config has a `bf16` field
@@ -12,6 +12,10 @@ preparation (e.g. DPO's reference log-probs over the training pairs) are not in 
 probe takes a few minutes on one GPU.
 
 On a CPU (a test) it runs the same loops with the CPU-sized batches of `bench.full_presets.REDUCED`.
+
+With `--nproc N` the probe starts itself under `torchrun --standalone --nproc_per_node=N` and every run trains in N
+processes (DDP, one GPU each; the classifier on rank 0 alone, see `gm.eval.load_or_train_classifier`): the same
+global batch per step, so s / step against the one-GPU table is the speed-up; rank 0 writes the table.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -36,7 +42,7 @@ from bench.full_presets import (
     run_preset,
     write_synthetic_images,
 )
-from common import fig_dir, get_device
+from common import dist, fig_dir, get_device
 from common.plotting import markdown_table
 from fm.dpo import dpo_config
 from fm.sft import sft_config
@@ -94,6 +100,8 @@ def report(results: dict[tuple[str, str | None], PresetRun], steps: int, profile
     else:
         where = f"CPU ({torch.get_num_threads()} threads)"
         batches = "the CPU-sized batches of bench.full_presets.REDUCED"
+    if dist.world_size() > 1:
+        where = f"{dist.world_size()} processes (DDP) of {where}"
     rows = []
     for (run, dataset), result in results.items():
         preset, gan_steps = preset_steps(run, dataset, profile)
@@ -124,20 +132,25 @@ def report(results: dict[tuple[str, str | None], PresetRun], steps: int, profile
 
 @contextlib.contextmanager
 def scratch_environment() -> Iterator[Path]:
-    """A temporary folder with the synthetic data dir, and HW3_*_DIR pointing into it until the block ends."""
+    """A temporary folder with the synthetic data dir, and HW3_*_DIR pointing into it until the block ends. Under
+    torchrun every rank uses rank 0's folder, which rank 0 fills and removes."""
     saved = dict(os.environ)
-    with tempfile.TemporaryDirectory(prefix="gpu_probe_") as scratch:
-        root = Path(scratch)
-        for variable, name in (("HW3_DATA_DIR", "data"), ("HW3_CKPT_DIR", "checkpoints"),
-                               ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
-            os.environ[variable] = str(root / name)
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the runs use offline data only: no hub probes
+    root = Path(dist.gather(tempfile.mkdtemp(prefix="gpu_probe_") if dist.is_main_process() else None)[0])
+    for variable, name in (("HW3_DATA_DIR", "data"), ("HW3_CKPT_DIR", "checkpoints"),
+                           ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
+        os.environ[variable] = str(root / name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the runs use offline data only: no hub probes
+    if dist.is_main_process():
         write_synthetic_images(root / "data")
-        try:
-            yield root
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    dist.barrier()
+    try:
+        yield root
+    finally:
+        dist.barrier()
+        if dist.is_main_process():
+            shutil.rmtree(root, ignore_errors=True)
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=fig_dir() / "gpu_probe.md", help="markdown file to write")
     parser.add_argument("--profile", default="full", choices=("full", "smoke"),
                         help="presets to probe (smoke: the tiny models, for a quick check of the probe itself)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes (GPUs) per run: > 1 restarts the probe under torchrun, each run in DDP")
     args = parser.parse_args(argv)
+    if args.steps and args.steps < 2:  # (0: the default)
+        parser.error("--steps must be >= 2 (the first step is not timed)")
+    if args.nproc > 1 and not dist.is_worker():
+        # the workers get the other options (torchrun's own parser would take --nproc for its --nproc-per-node)
+        dist.launch("bench.gpu_probe", [*(["--steps", str(args.steps)] if args.steps else []), "--out",
+                                        str(args.out.resolve()), "--profile", args.profile], nproc=args.nproc)
+        return 0
+    with dist.distributed():
+        return probe(args)
+
+
+def probe(args: argparse.Namespace) -> int:
+    """The probe's work in this process (one of the ranks under torchrun): every run, then rank 0's table."""
     device = get_device()
     cuda = device.type == "cuda"
     steps = args.steps or (30 if cuda else 2)
-    if steps < 2:
-        parser.error("--steps must be >= 2 (the first step is not timed)")
     results: dict[tuple[str, str | None], PresetRun] = {}
     with scratch_environment():
         for run, dataset in RUNS:
@@ -160,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             result = run_preset(run, dataset, steps=steps, profile=args.profile, reduced=not cuda, bf16=cuda,
                                 log_every_step=True)
+            last = result.train_rows[-1]
+            if last["step"] != steps or not all(math.isfinite(v) for v in last.values()):
+                raise RuntimeError(f"{result.name}: the run did not end at step {steps} with finite metrics: {last}")
             results[run, dataset] = result
-            print(f"gpu_probe: {result.name}: {result.parameters / 1e6:.1f}M parameters, "
-                  f"{result.seconds_per_step:.4f} s/step", flush=True)
+            if dist.is_main_process():
+                print(f"gpu_probe: {result.name}: {result.parameters / 1e6:.1f}M parameters, "
+                      f"{result.seconds_per_step:.4f} s/step", flush=True)
+    if not dist.is_main_process():
+        return 0
     text = report(results, steps, args.profile, device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")

@@ -221,11 +221,11 @@ def config_overrides(cfg: Any, preset: Any) -> list[str]:
     return args
 
 
-def launch(module: str, args: Sequence[str]) -> None:
-    """Run `torchrun --standalone --nproc_per_node=$HW3_NPROC -m <module> <args>` and wait for it.
+def launch(module: str, args: Sequence[str], nproc: int | None = None) -> None:
+    """Run `torchrun --standalone --nproc_per_node=<nproc, default $HW3_NPROC> -m <module> <args>` and wait for it.
 
     Rank 0 of that run saves the checkpoint and model; the caller then loads them (its run resumes at the end)."""
-    nproc = requested_nproc()
+    nproc = nproc or requested_nproc()
     check_nproc(nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", module, *args]

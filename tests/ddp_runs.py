@@ -1,10 +1,10 @@
 """The training runs of tests/test_distributed.py: run by each of 2 gloo processes on the CPU,
 
-    torchrun --standalone --nproc_per_node=2 -m tests.ddp_runs {equality,presets} OUT
+    torchrun --standalone --nproc_per_node=2 -m tests.ddp_runs OUT
 
 and imported by the test for the one-process references (the same functions, in one process). Rank 0 writes what
-the test compares into OUT: the parameters after one step (`<run>.pt`), the resume check, the files rank 1 tried to
-write (`writes.json`), and the last logged row of every full preset (`presets.json`).
+the test compares into OUT: the parameters and gradients after one step (`<run>.pt`), the resume check
+(`resume.json`) and the files rank 1 tried to write (`writes.json`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import builtins
 import contextlib
 import io
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -212,7 +211,7 @@ def record_writes(root: Path, writes: list[str]) -> Iterator[None]:
             setattr(os, name, saved[name])
 
 
-# ---------------------------------------------------------------------------------------------- the two scenarios
+# ----------------------------------------------------------------------------------------------
 def equality(out: Path) -> None:
     """The four one-step runs and the resume check, rank 1's writes recorded."""
     writes: list[str] = []
@@ -230,32 +229,10 @@ def equality(out: Path) -> None:
         (out / "writes.json").write_text(json.dumps(rank_writes[1]))
 
 
-def presets(out: Path) -> None:
-    """Every full preset for 2 steps at the CPU size of bench.full_presets, as tests/test_full_dryrun.py runs them."""
-    from bench.full_presets import RUNS, random_lm, run_preset
-    from fm.sft import sft_config
-
-    cfg = sft_config("full")
-    gpt2 = random_lm(cfg.model, cfg.attn_impl)
-    scratch = Path(os.environ["HW3_CKPT_DIR"]).parent
-    rows = {}
-    for run, dataset in RUNS:
-        name = run if dataset is None else f"{run}-{dataset}"
-        for variable, folder in (("HW3_CKPT_DIR", "checkpoints"), ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
-            os.environ[variable] = str(scratch / name / folder)
-        result = run_preset(run, dataset, steps=2, lm=gpt2 if run in ("sft", "dpo") else None)
-        last = result.train_rows[-1]
-        rows[name] = {"last": last, "finite": all(math.isfinite(v) for v in last.values()),
-                      "parameters": result.parameters, "world": dist.world_size()}
-    if dist.is_main_process():
-        (out / "presets.json").write_text(json.dumps(rows))
-
-
 def main(argv: list[str]) -> None:
-    scenario, out = argv[0], Path(argv[1])
     torch.set_num_threads(1)
     with dist.distributed():
-        {"equality": equality, "presets": presets}[scenario](out)
+        equality(Path(argv[0]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
   step's gradients and parameters.
 - A DDP run killed between checkpoints and resumed equals the uninterrupted DDP run; the ranks draw different numbers.
 - Rank 1 writes no file; only rank 0 does.
-- Every full preset takes 2 steps in 2 processes, at the CPU size of `bench.full_presets`.
+- Every full preset takes 2 steps in 2 processes, at the CPU size of `bench.full_presets`: the GPU probe with
+  `--nproc 2`, which on a CPU runs the same `run_preset` calls as tests/test_full_dryrun.py.
 - The launcher's errors: NPROC above the GPUs, a batch that does not split over the ranks, DPO's pairs per rank.
 """
 
@@ -32,20 +33,19 @@ TOL = 1e-6
 NOISE = 1e-6
 
 
-def _torchrun(scenario: str, root: Path) -> Path:
-    """Run `tests.ddp_runs <scenario>` in 2 processes with HW3_*_DIR under `root`; returns its output folder."""
-    out = root / "out"
-    env = {**os.environ, "HW3_DATA_DIR": str(root / "data"), "OMP_NUM_THREADS": "1", "HW3_PROFILE": "smoke"}
+def _run(command: list[str], root: Path, data: Path | None = None) -> None:
+    """Run `python <command>` from the repository with HW3_*_DIR under `root` (folders made first, so that only the
+    runs' own writes remain to record), the images of `data`, one thread per process; fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HW3_PROFILE": "smoke"}
     env.pop("HW3_NPROC", None)
+    if data is not None:
+        env["HW3_DATA_DIR"] = str(data)
     for variable, name in (("HW3_CKPT_DIR", "checkpoints"), ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
         env[variable] = str(root / "scratch" / name)
-        (root / "scratch" / name).mkdir(parents=True)  # existing roots: only the runs' own writes remain
-    out.mkdir()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "tests.ddp_runs", scenario, str(out)], cwd=repo_root(), env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return out
+        (root / "scratch" / name).mkdir(parents=True)
+    done = subprocess.run([sys.executable, *command], cwd=repo_root(), env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def equality(tmp_path_factory, data):
+    """The output folder of `tests.ddp_runs` in 2 processes."""
     root = tmp_path_factory.mktemp("ddp_equality")
-    (root / "data").symlink_to(data)
-    return _torchrun("equality", root)
+    out = root / "out"
+    out.mkdir()
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tests.ddp_runs", str(out)],
+         root, data)
+    return out
 
 
 @pytest.mark.parametrize("run", EQUALITY_RUNS)
@@ -92,12 +96,15 @@ def test_only_rank_0_writes_files(equality):
     assert (equality / "sft.pt").is_file()  # rank 0 did write (the runs' checkpoints and the results here)
 
 
-def test_every_full_preset_takes_two_steps_in_two_processes(tmp_path, data):
-    (tmp_path / "data").symlink_to(data)
-    rows = json.loads((_torchrun("presets", tmp_path) / "presets.json").read_text())
-    assert set(rows) == {r if d is None else f"{r}-{d}" for r, d in RUNS}
-    for name, row in rows.items():
-        assert row["world"] == 2 and row["last"]["step"] == 2 and row["finite"], (name, row)
+def test_every_full_preset_takes_two_steps_in_two_processes(tmp_path):
+    """The probe fails unless every run ends at step 2 with finite metrics; its table names the runs."""
+    out = tmp_path / "probe.md"
+    _run(["-m", "bench.gpu_probe", "--nproc", "2", "--steps", "2", "--out", str(out)], tmp_path)
+    text = out.read_text()
+    assert text.startswith("GPU probe on 2 processes (DDP) of CPU")
+    for run, dataset in RUNS:
+        assert f"| {run if dataset is None else f'{run} ({dataset})'} |" in text
+    assert "| sft | 1_2_sft | 124,439,808 | 2 |" in text  # GPT-2 at full size, grad_accum 2 split over the ranks
 
 
 # ---------------------------------------------------------------------------------------------- errors
