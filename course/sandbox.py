@@ -102,8 +102,9 @@ def bwrap_command(code: Path, io: Path, timeout: float, limits: Limits) -> list[
             command += ["--ro-bind", path, path]
     for finder in _editable_finders(site):
         command += ["--ro-bind", "/dev/null", f"/venv/site-packages/{finder.relative_to(site)}"]
-    command += ["--ro-bind", str(code), CODE_IN_SANDBOX, "--ro-bind", str(io / "in"), "/io/in", "--bind", str(io / "out"),
-                "/io/out", "--ro-bind", str(Path(worker.__file__).resolve()), "/grader/worker.py", "--chdir", "/tmp"]
+    command += ["--ro-bind", str(code), CODE_IN_SANDBOX, "--ro-bind", str(io / "in"), "/io/in",
+                "--bind", str(io / "out"), "/io/out", "--ro-bind", str(Path(worker.__file__).resolve()),
+                "/grader/worker.py", "--chdir", "/tmp"]
     if os.geteuid() == 0:  # drop to the real uid of nobody, so RLIMIT_NPROC counts the sandbox's processes only
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", "setpriv", f"--reuid={NOBODY}",
                     f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"]
@@ -131,8 +132,8 @@ def _processes_of(uid: int) -> int:
 def direct_command(code: Path, io: Path) -> list[str]:
     """No sandbox (--sandbox none): the worker in a plain subprocess, with the grader's rights."""
     site = sysconfig.get_paths()["purelib"]
-    return [sys.executable, "-I", "-S", "-B", "-X", "faulthandler", "-c", worker.BOOTSTRAP, str(Path(worker.__file__).resolve()), str(code),
-            site, str(io)]
+    return [sys.executable, "-I", "-S", "-B", "-X", "faulthandler", "-c", worker.BOOTSTRAP,
+            str(Path(worker.__file__).resolve()), str(code), site, str(io)]
 
 
 def run_worker(code: Path, io: Path, timeout: float, mode: str = "bwrap", limits: Limits | None = None) -> Run:
