@@ -1,6 +1,8 @@
 # `make figures` regenerates every figure of the report (quick profile unless PROFILE=full);
 # `make test` runs the tests. Both create .venv and install everything on first use.
 PROFILE ?= quick
+# NPROC=8: every training run of the notebooks runs under torchrun in 8 processes (one GPU each), as HW3_NPROC=8
+NPROC ?= 1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Data (CIFAR-10 JPEGs) is looked for in HW3_DATA_DIR, else ../shared/data, else data/ (common/paths.py: data_dir).
@@ -22,12 +24,12 @@ setup: $(VENV)/.installed
 
 # make figures PROFILE=full FROM=2_1  restarts the sequence at notebook 2_1 (finished training runs load)
 figures: $(VENV)/.installed
-	$(PY) -m common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
+	HW3_NPROC=$(NPROC) $(PY) -m common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
 	$(PY) -m course.report
 
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed
-	$(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
+	HW3_NPROC=$(NPROC) $(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
 
 # make lab: JupyterLab from the venv, at the repository root (notebooks/, fig/ and the package all visible).
 # Notebooks run on the venv's kernel "hw3"; outputs are stripped from notebooks/*.ipynb when committed (nbstripout).
