@@ -5,8 +5,9 @@ manner): rank, world size and local rank come from torchrun's environment (RANK,
 backend is nccl on CUDA and gloo on a CPU. In one process every helper here is a no-op that returns its input.
 
 - `distributed()`: joins the process group of torchrun's workers (and leaves it at the end); one process: nothing.
-- `rank`, `world_size`, `local_rank`, `is_main_process`, `barrier`; `sum_over_ranks` and `mean_over_ranks` reduce
-  metrics; `gather` collects a Python object from every rank; `shard` cuts a global batch into the rank's part.
+- `rank`, `world_size`, `local_rank`, `is_main_process`, `barrier`; `sum_over_ranks` (an all-reduce) and
+  `sum_gathered` reduce metrics, `average_` a tensor; `gather` collects a Python object from every rank; `shard` cuts
+  a global batch into the rank's part, `split_range` an evaluation set.
 - `main_process_first()`: rank 0 runs a block first (computes and writes a cache), the others then run it (read it).
 - `launch_requested()` / `launch()`: with HW3_NPROC=N > 1, a training function called in a notebook (one process)
   starts `torchrun --standalone --nproc_per_node=N -m <module> train ...`, waits, then loads the run rank 0 saved.
@@ -36,6 +37,7 @@ from common.device import get_device
 
 NPROC_ENV = "HW3_NPROC"  # processes per machine for every training run of a notebook (Makefile: NPROC)
 TIMEOUT = timedelta(minutes=60)  # a collective waits this long (rank 0 alone may build a cache meanwhile)
+_host_group = None  # gloo group for host-side numbers when the default group is nccl (no GPU sync for a count)
 
 
 # ---------------------------------------------------------------------------------------------- who am I
@@ -58,7 +60,7 @@ def rank() -> int:
 
 def local_rank() -> int:
     """This process's index on its machine (its GPU); 0 in one process."""
-    return int(os.environ.get("LOCAL_RANK", 0)) if is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_worker() else 0
 
 
 def is_main_process() -> bool:
@@ -83,22 +85,26 @@ def check_nproc(nproc: int) -> None:
 
 def init() -> torch.device:
     """Join torchrun's process group (once) and return this process's device: cuda:LOCAL_RANK, or the CPU."""
+    global _host_group
     device = get_device()
     if not is_worker():
         return device
     if device.type == "cuda":
         check_nproc(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
         os.environ["HW3_DEVICE"] = str(device)  # every `get_device()` of this process now names its own GPU
     if not is_initialized():
         dist.init_process_group(backend_for(device), timeout=TIMEOUT)
+        _host_group = dist.new_group(backend="gloo", timeout=TIMEOUT) if device.type == "cuda" else None
     return device
 
 
 def destroy() -> None:
+    global _host_group
     if is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 @contextlib.contextmanager
@@ -126,24 +132,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _reduce_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def sum_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float | torch.Tensor]:
-    """Each value summed over the ranks (one all-reduce of a float64 vector); in one process, `values` itself."""
+def sum_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Each value summed over the ranks (one all-reduce of a float64 vector on the host, through gloo even beside
+    nccl, so that a count of host-side items waits for no GPU); in one process, `values` itself."""
     if world_size() == 1 or not values:
         return values
-    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).to(_reduce_device())
-                          for v in values.values()])
-    dist.all_reduce(vector)
+    vector = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(()) for v in values.values()])
+    dist.all_reduce(vector, group=_host_group)
     return dict(zip(values, vector.tolist(), strict=True))
-
-
-def mean_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float | torch.Tensor]:
-    """Each value averaged over the ranks; in one process, `values` itself."""
-    n = world_size()
-    return values if n == 1 else {k: v / n for k, v in sum_over_ranks(values).items()}
 
 
 def average_(tensor: torch.Tensor) -> torch.Tensor:
@@ -154,12 +150,24 @@ def average_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_gathered(values: dict[str, float]) -> dict[str, float]:
+    """Each key summed over the ranks that have it (a rank with no evaluation batch contributes nothing): for
+    evaluation metrics, a gather of small dicts; in one process, `values` itself."""
+    if world_size() == 1:
+        return values
+    out: dict[str, float] = {}
+    for part in gather(values):
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
 def gather(obj: Any) -> list[Any]:
     """[rank 0's obj, rank 1's obj, ...] on every rank (pickled; for host-side lists and CPU tensors)."""
     if world_size() == 1:
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_host_group)
     return out
 
 

@@ -348,23 +348,24 @@ def make_step_fn(
     host sync here; the Trainer reads them at log steps), `tokens_per_s` (real tokens, from the host-side
     attention masks) and `grad_norm`.
 
-    With N ranks (`trainer.world`) the step's batch is the same; every rank computes its indices and takes its
-    grad_accum / N consecutive micro-batches. N, the items of the whole step, is summed over the ranks, and micro-batch
-    k is weighted by N * n_k / N_items: DDP's backward averages the gradients over the ranks, which makes the sum over
-    all micro-batches of n_k / N_items times their gradients, as in one process. All but the last micro-batch run
-    under DDP's `no_sync()`.
+    With R ranks (`trainer.world`) the step's batch is the same: every rank computes its indices and takes its
+    consecutive 1 / R of them, in micro-batches of at most `batch_size` (with grad_accum a multiple of R: grad_accum / R
+    whole micro-batches of the one-process run). N, the items of the whole step, is summed over the ranks, and a
+    micro-batch is weighted by R * n_k / N: DDP's backward averages the gradients over the ranks, which makes the sum
+    over all micro-batches of n_k / N times their gradients, as in one process. All but a rank's last micro-batch
+    run under DDP's `no_sync()`.
     """
-    world = trainer.world
-    if grad_accum % world:
-        raise ValueError(f"grad_accum ({grad_accum} micro-batches per step) is not divisible by the {world} processes; "
-                         f"set grad_accum to a multiple of NPROC={world} (the micro-batches are shared out)")
-    local = grad_accum // world  # micro-batches of this rank
+    world, examples = trainer.world, batch_size * grad_accum
+    if examples % world:
+        raise ValueError(f"the step's batch_size x grad_accum = {examples} examples is not divisible by the {world} "
+                         f"processes; make it a multiple of NPROC={world} (each rank takes an equal share)")
+    local = examples // world  # examples of this rank
     net = trainer.wrapped(model)
 
     def step_fn(step: int) -> dict[str, torch.Tensor | float]:
         start = time.perf_counter()
-        indices = batch_indices(n_examples, batch_size * grad_accum, step, seed)  # the global batch: every rank
-        chunks = indices.split(batch_size)[trainer.rank * local : (trainer.rank + 1) * local]
+        indices = batch_indices(n_examples, examples, step, seed)  # the global batch, on every rank
+        chunks = indices[trainer.rank * local : (trainer.rank + 1) * local].split(batch_size)
         batches = [batch_fn(chunk.tolist()) for chunk in chunks]
         items = [int(items_fn(batch)) for batch in batches]  # host tensors: no device sync
         total = trainer.sum_over_ranks({"items": sum(items)})["items"]  # of the global batch
@@ -401,9 +402,8 @@ def make_eval_fn(
     evaluates its consecutive part of the batches (`common.dist.split_range`) and the weighted sums are summed over
     the ranks: the same numbers, in 1 / N of the time.
     """
-    if len(batches) < trainer.world:
-        raise ValueError(f"{len(batches)} validation batches cannot be shared by {trainer.world} processes; use more "
-                         "validation examples or a smaller evaluation batch")
+    if not batches:
+        raise ValueError("make_eval_fn needs at least one validation batch")
     items = [int(items_fn(batch)) for batch in batches]
     total = sum(items)
     mine = range(len(batches)) if trainer.world == 1 else dist.split_range(len(batches))
@@ -415,7 +415,7 @@ def make_eval_fn(
                 _, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batches[i].items()})
             for key, value in values.items():
                 metrics[prefix + key] = metrics.get(prefix + key, 0.0) + float(value) * (items[i] / total)
-        return trainer.sum_over_ranks(metrics)
+        return dist.sum_gathered(metrics) if trainer.world > 1 else metrics
 
     return eval_fn
 

@@ -246,7 +246,8 @@ def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, m
     cached = json.loads(path.read_text()) if path.exists() else {"prompts_sampled": 0, "pairs": []}
     pairs, used = cached["pairs"], cached["prompts_sampled"]
     if len(pairs) >= n_pairs:
-        print(f"{n_pairs} {split} sentiment pairs from the cache {path.name}")
+        if dist.is_main_process():
+            print(f"{n_pairs} {split} sentiment pairs from the cache {path.name}")
         return pairs[:n_pairs]
     while len(pairs) < n_pairs:
         if used >= len(prompts):

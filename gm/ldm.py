@@ -294,9 +294,9 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
         """Several ranks each take a part of the test latents and sum their weighted mean losses."""
         rows = dist.split_range(len(test_z))
         part, weight = slice(rows.start, rows.stop), len(rows) / len(test_z)
-        return trainer.sum_over_ranks({
+        return dist.sum_gathered({
             name: diffusion.p_losses(m, test_z[part], val_t[part], test_y[part], val_noise[part]).item() * weight
-            for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow))})
+            for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow)) if len(rows)})
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     model.eval()

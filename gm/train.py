@@ -250,11 +250,13 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     def eval_fn(step: int) -> Metrics:
         """Means over the evaluation images; several ranks each take a part and sum the weighted means."""
         model = ema["vae"].shadow if ema else vae
-        part = dist.split_range(len(eval_images))
-        images, weight = eval_images[part.start : part.stop], len(part) / len(eval_images)
-        recon, mean, logvar = model(images)
-        return trainer.sum_over_ranks({"test_recon_error": reconstruction_loss(recon, images).item() * weight,
-                                       "test_kl": kl_divergence(mean, logvar).mean().item() * weight})
+        part, metrics = dist.split_range(len(eval_images)), {}
+        if len(part):  # (more ranks than images: some have none)
+            images, weight = eval_images[part.start : part.stop], len(part) / len(eval_images)
+            recon, mean, logvar = model(images)
+            metrics = {"test_recon_error": reconstruction_loss(recon, images).item() * weight,
+                       "test_kl": kl_divergence(mean, logvar).mean().item() * weight}
+        return dist.sum_gathered(metrics)
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     final = (ema["vae"].shadow if ema else vae).eval()

@@ -133,7 +133,7 @@ def test_make_step_fn_and_dpo_sampling_reject_uneven_shares(monkeypatch, tmp_pat
     trainer = Trainer(tmp_path, {"m": model}, {"m": torch.optim.SGD(model.parameters(), lr=0.1)}, steps=1,
                       progress=False)
     trainer.world = 2  # as in a 2-process group
-    with pytest.raises(ValueError, match=r"grad_accum \(3 micro-batches per step\) is not divisible by the 2"):
+    with pytest.raises(ValueError, match=r"batch_size x grad_accum = 3 examples is not divisible by the 2 processes"):
         make_step_fn(trainer, model, lambda m, b: None, lambda i: {}, n_examples=8, batch_size=1, grad_accum=3,
                      optimizer="m")
     monkeypatch.setattr(dist, "world_size", lambda: 4)

@@ -132,3 +132,15 @@ def test_bad_metrics_and_intervals_raise(tmp_path):
     trainer = Trainer(tmp_path, {"m": model}, {"m": opt}, steps=2, progress=False)
     with pytest.raises(ValueError, match="metric 'loss' must be a number or a one-element tensor"):
         trainer.fit(lambda step: {"loss": torch.zeros(3)})
+
+
+def test_a_rank_other_than_0_writes_nothing_and_keeps_the_rows(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 writes (tests/test_distributed.py checks it in 2 processes); here the rule alone."""
+    import common.dist
+
+    monkeypatch.setattr(common.dist, "is_main_process", lambda: False)
+    run = _Run(tmp_path / "rank1", steps=4, log_interval=2)
+    run.trainer.fit(run.step_fn, run.eval_fn)
+    assert not (tmp_path / "rank1").exists()  # no folder, CSV, TensorBoard log or checkpoint
+    assert [r["step"] for r in run.trainer.train_log.rows] == [2, 4]
+    assert run.trainer.eval_log.column("val_loss")[0] == [0, 4]
