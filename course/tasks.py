@@ -1,13 +1,13 @@
 """The homework's tasks and their points: the one table that the release and the grader read.
 
 A task owns the functions whose solution regions a student fills in (`functions`, matched by name against the
-function that encloses each `### BEGIN SOLUTION` marker), the graded tests (`tests`, shipped to students, so they
-can grade their own work) and the hidden graded tests (`hidden`, kept out of the student release). A task's points
-are split evenly over all its graded tests.
+function that encloses each `### BEGIN SOLUTION` marker). Its graded checks are `grading/task_<id>.py` (shipped to
+students, so they can preview their grade) and `grading/hidden/task_<id>.py` (kept out of the student release); a
+task's points are split evenly over all its checks (`course.checks`), and are 0 when a function of the task
+returns one of its inputs unchanged.
 
-To add a task: wrap the code a student writes in solution markers, add a `Task` here with its functions, and add
-its graded tests under `grading/` (tests that call the student's code, small and fast: each test must fail on the
-release's `raise NotImplementedError`).
+To add a task: wrap the code a student writes in solution markers, add a `Task` here with its functions, and write
+its checks (small and fast; each must fail on the release's `raise NotImplementedError`).
 """
 
 from __future__ import annotations
@@ -22,47 +22,41 @@ class Task:
     points: int
     notebook: str  # where the task is run and its results are made; named in the release's NotImplementedError
     functions: tuple[str, ...]  # functions (or methods) whose solution regions belong to this task
-    tests: tuple[str, ...]  # graded tests, in the student release too
-    hidden: tuple[str, ...] = ()  # graded tests only the instructor's tree holds
-    package_tests: tuple[str, ...] = ()  # the package's own tests of the same code (tests/), for students
-    timeout: int = 120  # seconds for all graded tests of the task; past it the task gets 0 points
+    # the package's own tests of the same code (tests/): they write the graded formulas out, so they stay out of the
+    # student release
+    package_tests: tuple[str, ...] = ()
+    timeout: int = 120  # seconds for the task's worker (all its checks); past it, unfinished checks get 0
 
 
 TASKS: tuple[Task, ...] = (
     Task(
         "1.1", "Multi-head self-attention", 15, "notebooks/1_1_attention.ipynb",
         functions=("get_masked_attention", "multi_head_self_attention"),
-        tests=("grading/test_task_1_1.py",), hidden=("grading/hidden/test_task_1_1_hidden.py",),
         package_tests=("tests/test_attention.py",),
     ),
     Task(
         "1.2", "Supervised fine-tuning: the loss mask and the SFT loss", 15, "notebooks/1_2_sft.ipynb",
         functions=("sft_labels", "sft_loss"),
-        tests=("grading/test_task_1_2.py",), hidden=("grading/hidden/test_task_1_2_hidden.py",),
         package_tests=("tests/test_fm_data.py", "tests/test_sft.py"),
     ),
     Task(
         "1.3", "Direct preference optimization: the DPO and IPO losses", 15, "notebooks/1_3_dpo.ipynb",
         functions=("dpo_loss", "ipo_loss"),
-        tests=("grading/test_task_1_3.py",), hidden=("grading/hidden/test_task_1_3_hidden.py",),
         package_tests=("tests/test_dpo.py",),
     ),
     Task(
         "2.1", "VAE: the KL divergence and the reparameterization trick", 15, "notebooks/2_1_vae.ipynb",
         functions=("kl_divergence", "reparameterize"),
-        tests=("grading/test_task_2_1.py",), hidden=("grading/hidden/test_task_2_1_hidden.py",),
         package_tests=("tests/test_vae.py",),
     ),
     Task(
         "2.2", "VAE + PatchGAN: the hinge losses", 10, "notebooks/2_2_gan.ipynb",
         functions=("d_hinge_loss", "g_hinge_loss"),
-        tests=("grading/test_task_2_2.py",), hidden=("grading/hidden/test_task_2_2_hidden.py",),
         package_tests=("tests/test_gan.py",),
     ),
     Task(
         "2.3", "DDPM: forward process, posterior, loss, DDPM and DDIM steps", 30, "notebooks/2_3_ldm.ipynb",
         functions=("q_sample", "q_posterior", "p_losses", "ddpm_update", "ddim_update"),
-        tests=("grading/test_task_2_3.py",), hidden=("grading/hidden/test_task_2_3_hidden.py",),
         package_tests=("tests/test_diffusion.py",),
     ),
 )
