@@ -44,3 +44,9 @@ def interrupt_at():
             setup.trainer.fit(crash, setup.eval_fn)
 
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """The browser test runs last: the headless smoke runs before it have trained every notebook's runs in the
+    shared `notebook_dirs`, so the browser's Run All loads them instead of training again."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)  # stable: keeps the order otherwise
