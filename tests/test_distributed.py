@@ -7,6 +7,7 @@
 - Rank 1 writes no file; only rank 0 does.
 - Every full preset takes 2 steps in 2 processes, at the CPU size of `bench.full_presets`: the GPU probe with
   `--nproc 2`, which on a CPU runs the same `run_preset` calls as tests/test_full_dryrun.py.
+- HW3_NPROC=2 makes a training function (as a notebook cell calls it) train under torchrun and load the run.
 - The launcher's errors: NPROC above the GPUs, a batch that does not split over the ranks, DPO's pairs per rank.
 """
 
@@ -154,3 +155,23 @@ def test_launch_passes_the_config_to_the_module_entry_point(monkeypatch):
     assert args[-1] == "--resume"
     parsed = dist.train_args(args[:-1], "test", dataset=True)
     assert vae_config(parsed.dataset, parsed.profile, **parsed.overrides) == cfg  # the workers build the same run
+
+
+def test_hw3_nproc_trains_under_torchrun_and_loads_what_rank_0_saved(data, tmp_path, monkeypatch):
+    """What a notebook cell does with NPROC=2: `train_vae` launches `python -m gm.train train` in 2 processes, then
+    loads the finished run (its checkpoint is at the last step, so this process trains nothing)."""
+    from common.logging import read_csv
+    from gm.train import train_vae, vae_config
+
+    for variable, value in (("HW3_NPROC", "2"), ("HW3_DATA_DIR", str(data)), ("OMP_NUM_THREADS", "1"),
+                            ("HW3_CACHE_DIR", str(tmp_path / "cache"))):
+        monkeypatch.setenv(variable, value)
+    launched = []
+    launch = dist.launch
+    monkeypatch.setattr(dist, "launch", lambda module, args: launched.append(args) or launch(module, args))
+    run = train_vae(vae_config("mnist", "smoke", eval_size=8), resume=False)
+    assert launched == [["train", "--profile", "smoke", "--dataset", "mnist", "--set", "eval_size=8"]]
+    assert [r["step"] for r in run.train_rows] == [1, 2, 3, 4]
+    assert read_csv(run.run_dir / "train.csv") == run.train_rows
+    # the last checkpoint holds both ranks' RNG states: saved by the 2 processes (a step here would save one without)
+    assert len(torch.load(run.run_dir / "checkpoint.pt", weights_only=False)["rank_rng"]) == 2
