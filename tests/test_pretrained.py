@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -58,15 +57,12 @@ def test_unknown_name():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    start = time.perf_counter()
-    model, tok = load_lm("smollm2-135m", device="cpu", verbose=False)
-    return model, tok, time.perf_counter() - start
+    return load_lm("smollm2-135m", device="cpu", verbose=False)
 
 
 @pytest.mark.slow
 def test_smollm2_loads_and_continues_sensibly(smollm2):
-    model, tok, seconds = smollm2
-    assert seconds < 60
+    model, tok = smollm2
     assert next(model.parameters()).dtype == torch.float32
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
     ids = torch.tensor([tok.encode("The capital of France is")])
@@ -78,7 +74,7 @@ def test_smollm2_loads_and_continues_sensibly(smollm2):
 
 @pytest.mark.slow
 def test_save_lm_with_hf_tokenizer_round_trip(smollm2, tmp_path):
-    _, tok, _ = smollm2
+    _, tok = smollm2
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
