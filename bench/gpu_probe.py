@@ -140,6 +140,7 @@ def scratch_environment() -> Iterator[Path]:
                            ("HW3_CACHE_DIR", "cache"), ("HW3_FIG_DIR", "fig")):
         os.environ[variable] = str(root / name)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the runs use offline data only: no hub probes
+    os.environ.pop(dist.NPROC_ENV, None)  # --nproc sets the processes; a run must not launch its own torchrun
     if dist.is_main_process():
         write_synthetic_images(root / "data")
     dist.barrier()
