@@ -237,12 +237,12 @@ def launch(module: str, args: Sequence[str], nproc: int | None = None) -> None:
     check_nproc(nproc)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", module, *args]
-    print(f"{NPROC_ENV}={nproc}: " + " ".join(command[2:]), flush=True)
+    shown = " ".join(["torchrun", *command[3:]])  # the same command, to rerun by hand
+    print(f"{nproc} processes: {shown}", flush=True)
     code = subprocess.run(command, check=False).returncode
     if code:
-        raise RuntimeError(f"the {nproc}-process run `{' '.join(command[2:])}` failed (exit code {code}); its "
-                           f"output is above. Rerun the same command by hand, or set {NPROC_ENV}=1 to train in this "
-                           "process")
+        raise RuntimeError(f"the {nproc}-process run `{shown}` failed (exit code {code}); its output is above. Rerun "
+                           f"it by hand, or set {NPROC_ENV}=1 (NPROC=1) to train in this process")
 
 
 def train_args(argv: Sequence[str] | None, description: str, dataset: bool = False) -> argparse.Namespace:
