@@ -32,12 +32,14 @@ TOL = 1e-6
 # right before a GroupNorm): Adam's first step lr * g / (|g| + 1e-8) turns the noise's sign into a step of up to lr,
 # whatever the process count. Parameters are compared where the gradient is larger.
 NOISE = 1e-6
+# gloo between the processes over the loopback interface (not whatever the host name resolves to)
+LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() else {}
 
 
 def _run(command: list[str], root: Path, data: Path | None = None) -> None:
     """Run `python <command>` from the repository with HW3_*_DIR under `root` (folders made first, so that only the
     runs' own writes remain to record), the images of `data`, one thread per process; fail with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HW3_PROFILE": "smoke"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HW3_PROFILE": "smoke", **LOOPBACK}
     env.pop("HW3_NPROC", None)
     if data is not None:
         env["HW3_DATA_DIR"] = str(data)
@@ -164,7 +166,7 @@ def test_hw3_nproc_trains_under_torchrun_and_loads_what_rank_0_saved(data, tmp_p
     from gm.train import train_vae, vae_config
 
     for variable, value in (("HW3_NPROC", "2"), ("HW3_DATA_DIR", str(data)), ("OMP_NUM_THREADS", "1"),
-                            ("HW3_CACHE_DIR", str(tmp_path / "cache"))):
+                            ("HW3_CACHE_DIR", str(tmp_path / "cache")), *LOOPBACK.items()):
         monkeypatch.setenv(variable, value)
     launched = []
     launch = dist.launch
