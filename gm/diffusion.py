@@ -1,8 +1,9 @@
-"""Gaussian diffusion (DDPM) with ancestral DDPM and DDIM samplers and classifier-free guidance.
+"""Gaussian diffusion (DDPM): the forward process, its training loss, and the ancestral DDPM and DDIM steps.
 
 Laid out like diffusers: `GaussianDiffusion.step(model_output, t, t_prev, x_t, eta=..., generator=...)` is the pure
-scheduler step (maths only, no model call), `guided_output` makes the model call with classifier-free guidance, and
-`GaussianDiffusion.sample` is the loop built on both.
+scheduler step (maths only, no model call); the loop and classifier-free guidance live in `gm.sampler` (`sample`,
+`guided_output`), which runs any process of the `gm.sampler.Process` interface this class implements
+(`training_loss`, `time_grid`, `step`). `GaussianDiffusion.sample` is a shortcut to that loop by sampler name.
 
 The denoiser is any callable `model(x_t, t, y)`: x_t (B, ...) noisy inputs, t (B,) long timesteps in [0, T),
 y (B,) long labels or None; it returns a tensor shaped like x_t. What that tensor means is set by `prediction`:
@@ -15,15 +16,16 @@ Notation: abar_t = prod_{s<=t} (1 - beta_s) is `alphas_cumprod[t]`; q(x_t | x0) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+from gm.sampler import Denoiser, SamplerSpec, StepOutput, guided_output
+from gm.sampler import randn as _randn
+from gm.sampler import sample as run_sampler
+
+__all__ = ["GaussianDiffusion", "StepOutput", "beta_schedule", "guided_output"]
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim")
@@ -52,25 +54,14 @@ def _extract(buffer: Tensor, t: Tensor, ndim: int) -> Tensor:
     return _bcast(buffer[t], ndim)
 
 
-def _randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise drawn with `generator` (on the generator's device), moved to `like`'s device."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
-class StepOutput(NamedTuple):
-    """What `GaussianDiffusion.step` returns: the sample one step back, x_{t_prev} (B, ...), and the x0 estimate
-    (B, ...) it was computed from."""
-
-    prev_sample: Tensor
-    pred_x0: Tensor
-
-
 class GaussianDiffusion(nn.Module):
     """Forward process, training loss and samplers of a DDPM with `timesteps` steps.
 
     All schedule tensors are float32 buffers (computed in float64), so `.to(device)` moves them with a model.
+    Implements `gm.sampler.Process`: time is the integer step t in [0, T), given to the network as is.
     """
+
+    solvers = ("euler",)  # DDIM is the Euler step of the probability-flow ODE; Heun would need t_prev = -1
 
     def __init__(
         self,
@@ -108,6 +99,14 @@ class GaussianDiffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (f"timesteps={self.timesteps}, schedule={self.schedule!r}, beta_start={self.beta_start}, "
+                f"beta_end={self.beta_end}, prediction={self.prediction!r}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
 
     # ----------------------------------------------------------------------------------------------- forward process
     def _check_t(self, t: Tensor | int, batch: int, device: torch.device, check_range: bool = True) -> Tensor:
@@ -179,6 +178,22 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"model output shape {tuple(output.shape)} != input shape {tuple(x0.shape)}")
         return F.mse_loss(output.float(), self.target(x0, noise, t).float())
         ### END SOLUTION
+
+    def sample_time(self, batch: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        """(batch,) long timesteps drawn uniformly from [0, T) on `device` (with `generator`, on its device)."""
+        return torch.randint(0, self.timesteps, (batch,), generator=generator,
+                             device=generator.device if generator is not None else device).to(device)
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The network is given the integer timestep itself."""
+        return t
+
+    def training_loss(self, model: Denoiser, x0: Tensor, y: Tensor | None = None, *, t: Tensor | None = None,
+                      noise: Tensor | None = None) -> Tensor:
+        """`p_losses` at timesteps drawn uniformly from [0, T) (unless `t` is given) and fresh noise (unless given).
+        x0 (B, ...); y (B,) labels or None."""
+        t = self.sample_time(x0.shape[0], x0.device) if t is None else t
+        return self.p_losses(model, x0, t, y, noise)
 
     # ------------------------------------------------------------------------------------------------ reverse step
     def _abar_prev(self, t_prev: Tensor) -> Tensor:
@@ -255,7 +270,15 @@ class GaussianDiffusion(nn.Module):
             return torch.tensor([self.timesteps - 1])
         return torch.linspace(0, self.timesteps - 1, steps, dtype=torch.float64).round().long().unique()
 
-    @torch.no_grad()
+    def time_grid(self, steps: int | None) -> list[tuple[int, int]]:
+        """(t, t_prev) pairs from T-1 down to (0, -1) over `ddim_timesteps(steps)` (None: all T steps)."""
+        seq = self.ddim_timesteps(steps or self.timesteps).tolist()
+        return list(zip(seq, [-1, *seq[:-1]], strict=True))[::-1]
+
+    def sampler_name(self, spec: SamplerSpec) -> str:
+        """"ddpm" for all T steps with eta = 1 (`step` takes the exact posterior), "ddim" otherwise."""
+        return "ddpm" if spec.eta == 1.0 and len(self.time_grid(spec.steps)) == self.timesteps else "ddim"
+
     def sample(
         self,
         model: Denoiser,
@@ -271,54 +294,17 @@ class GaussianDiffusion(nn.Module):
         noise: Tensor | None = None,
         null_label: int | None = None,
     ) -> Tensor:
-        """Generate a (shape) batch from x_T ~ N(0, I) (or the given start `noise`).
+        """Generate a (shape) batch from x_T ~ N(0, I) (or the given start `noise`) with `gm.sampler.sample`.
 
-        sampler "ddpm": all T ancestral steps (`steps` must be None or T; `eta` is not used). "ddim": `steps` evenly
-        spaced steps (default T) with noise scale `eta` (0 = deterministic ODE-like sampler, 1 = DDPM-like variance).
-        y: (B,) labels or None; guidance_scale w: classifier-free guidance with the label `null_label`
-        (default `model.num_classes`). Each step is `guided_output` (the model call) followed by `step`.
+        sampler "ddpm": all T ancestral steps (`steps` must be None or T; `eta` is not used: it is 1). "ddim": `steps`
+        evenly spaced steps (default T) with noise scale `eta` (0 = deterministic ODE-like sampler, 1 = DDPM-like
+        variance). y: (B,) labels or None; guidance_scale w: classifier-free guidance with the label `null_label`
+        (default `model.num_classes`).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         if sampler == "ddpm" and steps not in (None, self.timesteps):
             raise ValueError(f"the DDPM sampler runs all {self.timesteps} steps; use sampler='ddim' for {steps} steps")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        device = self.betas.device
-        if y is not None and (y.ndim != 1 or y.shape[0] != shape[0]):
-            raise ValueError(f"y must have shape ({shape[0]},), got {tuple(y.shape)}")
-        y = None if y is None else y.to(device)
-        x = _randn(tuple(shape), self.betas, generator) if noise is None else noise.to(device).clone()
-        if x.shape != tuple(shape):
-            raise ValueError(f"start noise has shape {tuple(x.shape)}, expected {tuple(shape)}")
-        if sampler == "ddpm":  # every t -> t - 1 with eta = 1: `step` takes the exact posterior
-            seq, eta = list(range(self.timesteps)), 1.0
-        else:
-            seq = self.ddim_timesteps(steps or self.timesteps).tolist()
-        pairs = list(zip(seq, [-1, *seq[:-1]], strict=True))[::-1]
-        for t, t_prev in tqdm(pairs, desc=sampler.upper(), disable=not progress, leave=False):
-            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            output = guided_output(model, x, t_batch, y, guidance_scale, null_label)
-            x = self.step(output, t_batch, t_prev, x, eta=eta, generator=generator).prev_sample
-        return x
-
-
-def guided_output(model: Denoiser, x_t: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float = 1.0,
-                  null_label: int | None = None) -> Tensor:
-    """The model's output at (x_t (B, ...), t (B,)) with classifier-free guidance: out_uncond + w (out_cond -
-    out_uncond), where out_uncond = model(x_t, t, null_label) and w = `guidance_scale`.
-
-    w = 1 (or y None) calls the conditional model once (exactly the conditional model), w = 0 the unconditional one,
-    any other w both in one batch of 2B. null_label: the label meaning "no label", default `model.num_classes`
-    (the UNet reserves that index).
-    """
-    if guidance_scale == 1.0 or y is None:
-        return model(x_t, t, y)
-    null_label = null_label if null_label is not None else getattr(model, "num_classes", None)
-    if null_label is None:
-        raise ValueError("guidance_scale != 1 needs a null label (pass null_label or give the model .num_classes)")
-    null = torch.full_like(y, null_label)
-    if guidance_scale == 0.0:
-        return model(x_t, t, null)
-    cond, uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
+        spec = SamplerSpec(self, steps=None if sampler == "ddpm" else steps, eta=1.0 if sampler == "ddpm" else eta,
+                           guidance_scale=guidance_scale, null_label=null_label)
+        return run_sampler(model, spec, shape, y, generator=generator, noise=noise, progress=progress)
