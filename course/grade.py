@@ -247,7 +247,8 @@ def _judge(check: Check, inputs: dict, stem: Path, root: Path, run: Run) -> tupl
     if not isinstance(status, dict):
         status = {"error": f"an unreadable status {status!r:.80}"}
     if status.get("error"):
-        return GradedTest(check.label(), "failed", f"raised {status['error']}"), False
+        message = f"raised {status['error']}" + (f"; {check.hint}" if check.hint else "")
+        return GradedTest(check.label(), "failed", message), False
     reference = None if check.prop is not None else references.reference(check, inputs, root)
     verdict = judge(check, inputs, outputs, reference)
     return GradedTest(check.label(), "passed" if verdict.passed else "failed", verdict.message), verdict.stub
