@@ -168,3 +168,18 @@ def test_times_table_keeps_other_rows_and_replaces_a_rerun(tmp_path):
     assert run_notebooks.read_times(table) == {first: 10.0, second: 5.0}
     assert table.read_text().splitlines()[-1] == "| total | 15 |"
     assert json.loads(table.with_suffix(".json").read_text()) == {first: 10.0, second: 5.4, "total": 15.4}
+
+
+def test_a_notebook_of_another_tree_stops_naming_both_trees(tmp_path):
+    """A kernel registered by another checkout imports that checkout's package: the first cell stops and says so."""
+    from common.notebook import TreeMismatchError, check_tree
+
+    other = tmp_path / "student-hw3"
+    (other / "common").mkdir(parents=True)
+    (other / "common" / "__init__.py").write_text("")
+    (other / "notebooks").mkdir()
+    with pytest.raises(TreeMismatchError) as err:
+        check_tree(other / "notebooks")
+    assert str(other) in str(err.value) and str(ROOT) in str(err.value) and "make lab" in str(err.value)
+    check_tree(ROOT / "notebooks")  # the notebook's own tree
+    check_tree(tmp_path)  # a notebook outside any tree: nothing to compare
