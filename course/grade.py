@@ -220,7 +220,11 @@ def _grade_task(task: Task, root: Path, work: Path, timeout: float, sandbox: str
         test, is_stub = _judge(check, inputs[index], io / "out" / str(index), root, run)
         stub |= is_stub
         tests.append(test)
-    if run.returncode is None:
+    if run.stopped == "output":
+        status = "crashed"
+        note = f"stopped: the worker wrote more than {limits.output_bytes >> 20} MiB of outputs; checks not " \
+               "finished get 0"
+    elif run.returncode is None:
         status = "timeout"
         note = f"timed out after {timeout:g} s (an endless loop or a far too slow implementation?): every process " \
                "it started was stopped; checks not finished get 0"
@@ -237,7 +241,8 @@ def _judge(check: Check, inputs: dict, stem: Path, root: Path, run: Run) -> tupl
     """The check's result from the worker's files at `stem`, and whether it caught a stub."""
     if not stem.with_suffix(".json").exists():
         started = stem.with_suffix(".started").exists()
-        why = "timed out" if run.returncode is None else f"the worker {_how(run.returncode)}"
+        why = {"time": "timed out", "output": "stopped (too much output)"}.get(run.stopped) or \
+            f"the worker {_how(run.returncode)}"
         return GradedTest(check.label(), "not run", f"{why} {'during' if started else 'before'} this check"), False
     try:
         outputs = load_values(stem)

@@ -33,6 +33,7 @@ INSTALL = "sudo apt-get install bubblewrap"  # Debian/Ubuntu; the tool's package
 NOBODY = 65534
 CODE_IN_SANDBOX = "/sub"  # where the worker sees the submission's code
 SANDBOX_TMP_BYTES = 64 << 20
+POLL_S = 0.2  # how often the grader looks at a running worker's time and output size
 
 
 class SandboxUnavailable(RuntimeError):
@@ -45,13 +46,15 @@ class Limits:
     processes: int = 64  # threads count as processes
     file_bytes: int = 64 << 20  # largest file the worker may write
     cpu_margin_s: int = 10  # CPU seconds past the task's wall-clock limit (the wall clock stops it first)
+    output_bytes: int = 512 << 20  # all files in the output folder together (polled): the host's disk is shared
 
 
 @dataclass
 class Run:
-    returncode: int | None  # None: killed at the time limit
+    returncode: int | None  # None: stopped by the grader (see `stopped`)
     seconds: float
     log: str  # the worker's stdout and stderr, last part
+    stopped: str = ""  # "time": at the time limit; "output": it wrote more than Limits.output_bytes
 
 
 def check_available(mode: str) -> None:
@@ -152,13 +155,20 @@ def run_worker(code: Path, io: Path, timeout: float, mode: str = "bwrap", limits
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HOME": str(io)}
     log_path = io / "worker.log"
     start = time.perf_counter()
+    code_, stopped = None, ""
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=io, start_new_session=True)
         try:
-            code_ = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code_ = None
+            while not stopped:
+                try:
+                    code_ = proc.wait(POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if _bytes_in(out) > limits.output_bytes:
+                        stopped = "output"
+                    elif time.perf_counter() - start > timeout:
+                        stopped = "time"
         finally:  # bwrap's init dies with it (--die-with-parent), and with it the whole PID namespace
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -169,4 +179,16 @@ def run_worker(code: Path, io: Path, timeout: float, mode: str = "bwrap", limits
     with log_path.open("rb") as log:
         log.seek(max(0, log_path.stat().st_size - 4000))
         text = log.read().decode(errors="replace")
-    return Run(code_, seconds, text)
+    return Run(code_, seconds, text, stopped)
+
+
+def _bytes_in(folder: Path) -> int:
+    """Bytes of the files directly in `folder` (the worker writes no subfolders; a link counts as nothing)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return total

@@ -4,7 +4,7 @@ Each starts from a fresh student release and changes task 1.3 (`dpo_loss`), eith
 runs on import) or in `dpo_loss`'s body. Attacks that try to read or reach something the sandbox should hide fall
 back to the solution's code when they succeed, so an open channel shows up as points. Each must get 0 points with
 the reason in the report, leave nothing changed outside the sandbox and leave no process behind. One worker run per
-attack (task 1.3 only); about 2-4 s each, the two that must hit the time limit 6 s.
+attack (task 1.3 only); about 2-4 s each, the hang 6 s (its time limit), the disk filler about 7 s.
 """
 
 import hashlib
@@ -126,6 +126,14 @@ BODY_ATTACKS = {  # name: dpo_loss's body ({solution}: the solution's body, run 
             forks += 1
         raise RuntimeError(f"forked {{forks}} children before the process limit")
     """,
+    "fill the grader's disk (bounded at 16 files of 64 MiB)": """
+        import glob, os, time
+        folders = [p for p in ("/io/out", *glob.glob("/tmp/hw3-grade-*/io/*/out")) if os.access(p, os.W_OK)]
+        for index in range(16):
+            with open(os.path.join(folders[0], f"fill{{index}}"), "wb") as fill:
+                fill.write(b"x" * (64 << 20))
+        time.sleep(3600)
+    """,
     "a hang with a setsid child": """
         import subprocess, time
         subprocess.Popen(["setsid", "sleep", "{mark}"])
@@ -140,6 +148,7 @@ REASONS = {  # what the report says for each attack (every other attack leaves t
     "a memory hog (16 GiB, never touched)": "MemoryError",
     "a fork bomb (bounded at 200 forks)": "children before the process limit",
     "a hang with a setsid child": "timed out",
+    "fill the grader's disk (bounded at 16 files of 64 MiB)": "wrote more than 512 MiB of outputs",
     "directory symlinks to the instructor's packages": "is a symbolic link",
 }
 
