@@ -276,8 +276,9 @@ class GaussianDiffusion(nn.Module):
         return list(zip(seq, [-1, *seq[:-1]], strict=True))[::-1]
 
     def sampler_name(self, spec: SamplerSpec) -> str:
-        """"ddpm" for all T steps with eta = 1 (`step` takes the exact posterior), "ddim" otherwise."""
-        return "ddpm" if spec.eta == 1.0 and len(self.time_grid(spec.steps)) == self.timesteps else "ddim"
+        """"ddpm" for the default grid (steps None: all T steps) with eta = 1, where `step` takes the exact posterior;
+        "ddim" for any step count given (T steps with eta = 1 compute the same, but belong to a DDIM sweep)."""
+        return "ddpm" if spec.steps is None and spec.eta == 1.0 else "ddim"
 
     def sample(
         self,

@@ -1,5 +1,9 @@
 """Class-conditional latent diffusion (task 2.3): a UNet denoiser trained with the DDPM loss on VAE latents.
 
+The generative process is a registry entry (`PROCESSES`, picked by `LDMConfig.process`): the DDPM of task 2.3
+(`gm.diffusion.GaussianDiffusion`) or the rectified flow of 2.4 (`gm.flow.RectifiedFlow`); training calls the
+process's `training_loss`, sampling runs a `gm.sampler.SamplerSpec` on it.
+
 Pipeline: encode the data set once with the frozen VAE of task 2.1 (posterior means, cached per VAE weights),
 normalise the latents per channel (mean/std are buffers of `LatentDiffusion`, so they travel with the
 checkpoint), train the UNet with `common.trainer.Trainer` (EMA of the weights, label dropout for classifier-free
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
-from common.plotting import make_grid, new_figure, plot_curves, save_figure
+from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
@@ -38,7 +43,9 @@ from gm.eval import (
     timed,
     wilson_interval,
 )
+from gm.flow import RectifiedFlow
 from gm.model import VAE
+from gm.sampler import Process, SamplerSpec, sample
 from gm.train import load_or_train_vae
 from gm.unet import UNet
 
@@ -49,7 +56,8 @@ CLASS_NAMES = {"mnist": tuple(str(i) for i in range(10)), "cifar10": CIFAR10_CLA
 @dataclass
 class LDMConfig:
     dataset: str = "mnist"
-    # diffusion
+    process: str = "ddpm"  # the generative process, a key of PROCESSES
+    # diffusion (the "ddpm" process)
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 2e-2
@@ -94,6 +102,7 @@ class LDMConfig:
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check(self.process in PROCESSES, f"process must be one of {tuple(PROCESSES)}, got {self.process!r}")
         check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         check(self.steps > 0 and self.batch_size > 0 and self.lr > 0, "steps, batch_size and lr must be positive")
@@ -111,6 +120,8 @@ class LDMConfig:
         """Unique per training-relevant settings and VAE weights (sampling/bookkeeping fields excluded)."""
         skip = {"progress", "device", "log_interval", "samples_per_class", "ddpm_samples_per_class",
                 "reference_size", "sample_batch_size", "fd_resamples", "ddim_steps", "ddim_eta", "guidance_scale"}
+        if self.process == "ddpm":  # runs from before the field existed keep their folder
+            skip.add("process")
         return f"{self.dataset}_{self.profile}_{config_digest(self, exclude=skip)}_vae{vae_digest[:8]}"
 
 
@@ -137,6 +148,14 @@ PRESETS = {
 DATASET_PRESETS = {"quick": {"mnist": dict(steps=400), "cifar10": dict(steps=1000)}}
 
 
+# The generative processes an LDM trains and samples with: name -> builder from the config. A new process is a module
+# implementing `gm.sampler.Process` and one entry here.
+PROCESSES: dict[str, Callable[[LDMConfig], Process]] = {
+    "ddpm": lambda cfg: GaussianDiffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule, cfg.prediction),
+    "flow": lambda cfg: RectifiedFlow(time_scale=cfg.timesteps),
+}
+
+
 def ldm_config(dataset: str, profile: str | None = None, **overrides) -> LDMConfig:
     """The preset of `profile` (default $HW3_PROFILE) for `dataset`, with overrides (unknown keys are rejected)."""
     profile = get_profile(profile)
@@ -145,12 +164,12 @@ def ldm_config(dataset: str, profile: str | None = None, **overrides) -> LDMConf
 
 
 class LatentDiffusion(nn.Module):
-    """UNet + diffusion schedule + per-channel latent statistics. Calling it is calling the UNet on normalised
-    latents, so it is itself a denoiser `model(z_t, t, y)` for `GaussianDiffusion`."""
+    """UNet + generative process + per-channel latent statistics. Calling it is calling the UNet on normalised
+    latents, so it is itself a denoiser `model(z_t, t, y)` for its process."""
 
-    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, latent_mean: Tensor, latent_std: Tensor):
+    def __init__(self, unet: UNet, process: Process, latent_mean: Tensor, latent_std: Tensor):
         super().__init__()
-        self.unet, self.diffusion = unet, diffusion
+        self.unet, self.process = unet, process
         self.register_buffer("latent_mean", latent_mean.reshape(1, -1, 1, 1).clone())
         self.register_buffer("latent_std", latent_std.reshape(1, -1, 1, 1).clone())
 
@@ -168,19 +187,23 @@ class LatentDiffusion(nn.Module):
         return z * self.latent_std.to(z.device) + self.latent_mean.to(z.device)
 
     @torch.no_grad()
-    def sample_latents(self, labels: Tensor, latent_hw: tuple[int, int], **sample_kwargs) -> Tensor:
-        """VAE latents (B, C, h, w) for class `labels` (B,); `sample_kwargs` go to `GaussianDiffusion.sample`."""
+    def sample_latents(self, labels: Tensor, latent_hw: tuple[int, int], spec: SamplerSpec,
+                       generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
+        """VAE latents (B, C, h, w) for class `labels` (B,), sampled as `spec` says (a spec of this model's process,
+        or of an equal one, e.g. the process of the EMA copy)."""
+        if type(spec.process) is not type(self.process) or repr(spec.process) != repr(self.process):
+            raise ValueError(f"the sampler spec's process {spec.process!r} is not this model's {self.process!r}; "
+                             "build the spec with model.process")
         self.unet.check_labels(labels)  # once here, not in each of the sampler's model calls
         shape = (labels.shape[0], self.unet.in_channels, *latent_hw)
-        return self.denormalize(self.diffusion.sample(self, shape, labels, **sample_kwargs))
+        return self.denormalize(sample(self, spec, shape, labels, generator=generator, progress=progress))
 
 
 def build_ldm(cfg: LDMConfig, latent_channels: int, latent_mean: Tensor, latent_std: Tensor) -> LatentDiffusion:
     unet = UNet(latent_channels, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
                 num_res_blocks=cfg.num_res_blocks, num_classes=NUM_CLASSES, dropout=cfg.dropout,
                 attention=cfg.attention)
-    diffusion = GaussianDiffusion(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule, cfg.prediction)
-    return LatentDiffusion(unet, diffusion, latent_mean, latent_std)
+    return LatentDiffusion(unet, PROCESSES[cfg.process](cfg), latent_mean, latent_std)
 
 
 # --------------------------------------------------------------------------------------------- latents
@@ -260,7 +283,7 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
     train_y, test_y = train_y.to(device), test_y.to(device)
     for labels in (train_y, test_y):  # once per run: the UNet's forward does not read label values
         model.unet.check_labels(labels)
-    diffusion = model.diffusion
+    process = model.process
 
     ema = EMA(model, cfg.ema_decay)
     optimizer = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -278,16 +301,15 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
         z, y = train_z[idx], train_y[idx]
         drop = torch.rand(y.shape, device=device) < cfg.class_dropout  # label dropout, t and noise: drawn per rank
         y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)
-        t = torch.randint(0, cfg.timesteps, y.shape, device=device)
         with trainer.autocast():
-            loss = diffusion.p_losses(net, z, t, y)
+            loss = process.training_loss(net, z, y)  # draws its own t and noise
         loss.backward()
         trainer.optimizer_step("ldm")
         return {"loss": loss.detach()}
 
-    # Validation: the same noise and timesteps at every evaluation, so the curve is not noisy from resampling.
+    # Validation: the same noise and times at every evaluation, so the curve is not noisy from resampling.
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    val_t = torch.randint(0, cfg.timesteps, (len(test_z),), generator=gen).to(device)
+    val_t = process.sample_time(len(test_z), device, gen)
     val_noise = torch.randn(test_z.shape, generator=gen).to(device)
 
     def eval_fn(step: int) -> Metrics:
@@ -295,7 +317,8 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
         rows = dist.split_range(len(test_z))
         part, weight = slice(rows.start, rows.stop), len(rows) / len(test_z)
         return dist.sum_gathered({
-            name: diffusion.p_losses(m, test_z[part], val_t[part], test_y[part], val_noise[part]).item() * weight
+            name: process.training_loss(m, test_z[part], test_y[part], t=val_t[part], noise=val_noise[part]).item()
+            * weight
             for name, m in (("val_loss", model), ("val_loss_ema", ema.shadow)) if len(rows)})
 
     trainer.fit(step_fn, eval_fn, resume=resume)
@@ -329,12 +352,34 @@ def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
 # --------------------------------------------------------------------------------------------- sampling and metrics
 
 
+# Display names of the evaluation rows' machine keys, used only when a table is rendered (`table`).
+DISPLAY_NAMES = {"images_from": "images from", "cond_accuracy": "cond. accuracy", "cond_accuracy_ci": "acc. 95% CI",
+                 "feature_fd": "feature FD", "feature_fd_ci": "FD 95% CI", "images_per_s": "images/s",
+                 "speed_up": "speed-up", "network_calls": "network calls", "val_loss": "val. loss",
+                 "train_steps": "train steps", "train_seconds": "train seconds",
+                 "classifier_test_acc": "classifier test acc."}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of evaluation rows, machine keys shown by their `DISPLAY_NAMES`."""
+    return markdown_table([{DISPLAY_NAMES.get(k, k): v for k, v in row.items()} for row in rows])
+
+
+def report_samplers(cfg: LDMConfig, process: Process | None = None) -> dict[str, SamplerSpec]:
+    """The samplers of the 2.3 report at the config's guidance scale: {"ddpm": all T ancestral steps, "ddim":
+    `ddim_steps` steps with noise `ddim_eta`} on `process` (default: the config's, from `PROCESSES`)."""
+    process = process or PROCESSES[cfg.process](cfg)
+    return {"ddpm": SamplerSpec(process, None, eta=1.0, guidance_scale=cfg.guidance_scale),
+            "ddim": SamplerSpec(process, cfg.ddim_steps, eta=cfg.ddim_eta, guidance_scale=cfg.guidance_scale)}
+
+
 @torch.no_grad()
-def generate(run: LDMRun, labels: Tensor, use_ema: bool = True, **sample_kwargs) -> Tensor:
-    """Images (B, C, 32, 32) in [0, 1] for class `labels`: sample latents, then decode with the VAE."""
+def generate(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = True,
+             generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
+    """Images (B, C, 32, 32) in [0, 1] for class `labels`: sample latents as `spec` says, decode with the VAE."""
     model = run.ema_model if use_ema else run.model
     device = next(model.parameters()).device
-    latents = model.sample_latents(labels.to(device), run.latent_hw, **sample_kwargs)
+    latents = model.sample_latents(labels.to(device), run.latent_hw, spec, generator, progress)
     return run.vae.decode(latents).clamp(0, 1).cpu()
 
 
@@ -375,9 +420,9 @@ def measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: F
     95 % CI) of (N, C, H, W) `images` that were asked to be of class `labels` (N,)."""
     logits, feats = predict(classifier, images)
     hits = int((logits.argmax(1) == labels.cpu()).sum())
-    return {"cond. accuracy": hits / len(labels), "acc. 95% CI": wilson_interval(hits, len(labels)),
-            "feature FD": frechet_distance(feats, reference),
-            "FD 95% CI": bootstrap_frechet_interval(feats, reference, len(reference.resampled), seed)}
+    return {"cond_accuracy": hits / len(labels), "cond_accuracy_ci": wilson_interval(hits, len(labels)),
+            "feature_fd": frechet_distance(feats, reference),
+            "feature_fd_ci": bootstrap_frechet_interval(feats, reference, len(reference.resampled), seed)}
 
 
 @torch.no_grad()
@@ -394,81 +439,96 @@ def references(run: LDMRun, classifier: Classifier, n: int, seed: int = 0) -> Re
     baseline, baseline_labels = real[idx[cfg.reference_size:]], real_labels[idx[cfg.reference_size:]]
     device = next(run.ema_model.parameters()).device
     recon = torch.cat([run.vae.decode(run.vae.encode(c.to(device))[0]).cpu() for c in baseline.split(500)])
-    rows = [{"dataset": cfg.dataset, "images from": name, "n": n,
+    rows = [{"dataset": cfg.dataset, "images_from": name, "n": n,
              **measure(classifier, images, baseline_labels, reference, seed)}
             for name, images in (("real test images (baseline)", baseline), ("VAE reconstructions of them", recon))]
     return References(reference, rows)
 
 
-def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: dict[str, dict], fig_prefix: str | Path | None = None,
-                 use_ema: bool = True, seed: int = 0, refs: References | None = None) -> list[dict]:
-    """Sample `samples_per_class` images per class with each sampler, and measure them.
+def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, SamplerSpec] | None = None,
+                 samples_per_class: int | Mapping[str, int] | None = None, *, fig_prefix: str | Path | None = None,
+                 use_ema: bool = True, seed: int = 0, refs: References | None = None,
+                 progress: bool | None = None) -> list[dict]:
+    """Sample images of every class with each sampler, and measure them.
 
-    samplers: {name: kwargs of GaussianDiffusion.sample}, e.g. {"ddpm": {"sampler": "ddpm"}, "ddim": {"sampler":
-    "ddim", "steps": 50}}; the guidance scale defaults to `config.guidance_scale`, and a "samples_per_class" key
-    sets that sampler's own count (DDPM: `config.ddpm_samples_per_class` unless given). Returns the two reference
-    rows of `refs` (computed if None, with 10 * `samples_per_class` real images) and one row per sampler:
-    conditional accuracy (the classifier agrees with the label) and the classifier-feature Frechet distance to
-    `reference_size` other real test images, each with its 95 % CI, the DDIM noise level "eta" (DDIM rows), wall
-    time (sampling and VAE decoding), images/s and the speed-up in images/s over the first sampler. Images are
-    generated `sample_batch_size` at a time. With `fig_prefix`, saves the class grid of each sampler as
-    `{fig_prefix}_{name}.png`.
+    samplers: {name: SamplerSpec} (default: `report_samplers`, DDPM then DDIM); samples_per_class: images per class,
+    one count for all samplers or one per name (default: the config's `ddpm_samples_per_class` for a "ddpm" sampler,
+    `samples_per_class` for the others). Returns the two reference rows of `refs` (computed if None, with as many
+    real images as the largest sample set) and one row per sampler: conditional accuracy (the classifier agrees with
+    the label) and the classifier-feature Frechet distance to `reference_size` other real test images, each with its
+    95 % CI, the guidance scale, the noise level "eta" (DDIM rows), the network calls per image, wall time
+    (sampling and VAE decoding), images/s and the speed-up in images/s over the first sampler. Machine keys
+    (`cond_accuracy`, `images_from`; `table` renders them). Images are generated `sample_batch_size` at a time.
+    With `fig_prefix`, saves the class grid of each sampler as `{fig_prefix}_{name}.png`. progress: sampling
+    progress bars (None: the config's `progress`).
     """
     cfg = run.config
+    progress = cfg.progress if progress is None else progress
+    model = run.ema_model if use_ema else run.model
+    samplers = samplers if samplers is not None else report_samplers(cfg, model.process)
+    for name, spec in samplers.items():
+        if not isinstance(spec, SamplerSpec):
+            raise TypeError(f"sampler {name!r} is a {type(spec).__name__}; pass a gm.sampler.SamplerSpec, e.g. "
+                            "SamplerSpec(run.model.process, steps=50, eta=1.0) or gm.ldm.report_samplers(config)")
 
-    def count(kwargs: dict) -> int:
-        default = cfg.ddpm_samples_per_class if kwargs.get("sampler", "ddpm") == "ddpm" else cfg.samples_per_class
-        return kwargs.get("samples_per_class", default)
+    def default_count(spec: SamplerSpec) -> int:
+        return cfg.ddpm_samples_per_class if spec.process.sampler_name(spec) == "ddpm" else cfg.samples_per_class
 
-    counts = {name: count(kwargs) for name, kwargs in samplers.items()}
-    refs = refs or references(run, classifier, NUM_CLASSES * cfg.samples_per_class, seed)
+    counts = {name: samples_per_class if isinstance(samples_per_class, int)
+              else (samples_per_class or {}).get(name, default_count(spec)) for name, spec in samplers.items()}
+    refs = refs or references(run, classifier, NUM_CLASSES * max(counts.values()), seed)
     rows = [dict(r) for r in refs.rows]
-    device = next(run.ema_model.parameters()).device
+    device = next(model.parameters()).device
     weights = "EMA" if use_ema else "raw"
+    process_label = (f"{cfg.schedule}, {cfg.prediction}-pred." if isinstance(model.process, GaussianDiffusion)
+                     else cfg.process)
     first_rate = None
-    for name, kwargs in samplers.items():
-        kwargs = {"guidance_scale": cfg.guidance_scale, "progress": cfg.progress,
-                  **{k: v for k, v in kwargs.items() if k != "samples_per_class"}}
+    for name, spec in samplers.items():
         labels = class_labels(counts[name])
         generator = torch.Generator(device).manual_seed(seed)
-        images, seconds = timed(lambda kw=kwargs, g=generator, y=labels: torch.cat(
-            [generate(run, chunk, use_ema, generator=g, **kw) for chunk in y.split(cfg.sample_batch_size)]), device)
+        images, seconds = timed(lambda s=spec, g=generator, y=labels: torch.cat(
+            [generate(run, chunk, s, use_ema, g, progress) for chunk in y.split(cfg.sample_batch_size)]), device)
         rate = len(labels) / seconds
         first_rate = first_rate or rate
-        label = f"{kwargs.get('sampler', 'ddpm').upper()}-{kwargs.get('steps') or cfg.timesteps}"
-        ddim = kwargs.get("sampler", "ddpm") == "ddim"
-        eta = kwargs.get("eta", 0.0) if ddim else 1.0
-        rows.append({"dataset": cfg.dataset, "images from": label, "guidance": kwargs["guidance_scale"],
-                     **({"eta": eta} if ddim else {}), "n": len(labels),
+        ddim = spec.process.sampler_name(spec) == "ddim"
+        rows.append({"dataset": cfg.dataset, "images_from": spec.label, "guidance": spec.guidance_scale,
+                     **({"eta": spec.eta} if ddim else {}), "network_calls": spec.network_calls, "n": len(labels),
                      **measure(classifier, images, labels, refs.features, seed),
-                     "seconds": seconds, "images/s": rate, "speed-up": rate / first_rate})
+                     "seconds": seconds, "images_per_s": rate, "speed_up": rate / first_rate})
         if fig_prefix is not None:
             save_class_grid(images, labels, cfg.dataset, f"{fig_prefix}_{name}.png",
-                            f"{cfg.dataset} LDM ({cfg.schedule}, {cfg.prediction}-pred., {weights} weights): "
-                            f"{label}, eta {eta:g}, w {kwargs['guidance_scale']:g}, {cfg.profile} profile")
+                            f"{cfg.dataset} LDM ({process_label}, {weights} weights): "
+                            f"{spec.label}, eta {spec.eta:g}, w {spec.guidance_scale:g}, {cfg.profile} profile")
     return rows
 
 
 def summary(rows: list[dict], cfg: LDMConfig) -> dict:
     """The headline numbers of one data set's `evaluate_ldm` rows (for fig/part2_summary.json): accuracies
-    (fractions) and distances with their 95 % CIs, for DDIM with `cfg.ddim_steps` steps (keys "ddim50_*"), DDPM
-    with all T steps ("ddpm1000_*"), the real images and their VAE reconstructions, the samplers' images/s, DDIM's
-    eta and the training steps.
-    The first row of each sampler counts (DDIM at the preset's guidance)."""
+    (fractions) and distances with their 95 % CIs, sample counts and images/s of the `report_samplers`, keyed by the
+    sampler and its steps as run ("ddim_50_cond_acc", "ddpm_1000_fd_ci", "ddim_10_n" in smoke); the real images and
+    their VAE reconstructions ("real_*", "recon_*"); DDIM's n, images/s, guidance and eta without a prefix; the
+    training steps. "ddim50_*" and "ddpm1000_*" repeat the keys of DDIM-50 and DDPM-1000 where those ran (the
+    report's keys). The first row of each sampler counts."""
 
-    def first(name: str) -> dict:
-        found = [r for r in rows if r["images from"] == name]
+    def first(label: str) -> dict:
+        found = [r for r in rows if r["images_from"] == label]
         if not found:
-            raise ValueError(f"no row of {name!r} in the evaluation rows; evaluate_ldm with that sampler first")
+            raise ValueError(f"no row of {label!r} in the evaluation rows; evaluate_ldm with that sampler first")
         return found[0]
 
-    d, p = first(f"DDIM-{cfg.ddim_steps}"), first(f"DDPM-{cfg.timesteps}")
-    out = {"n": d["n"], "ddpm1000_n": p["n"], "guidance": d["guidance"], "eta": d["eta"], "train_steps": cfg.steps,
-           "images_per_s": d["images/s"], "ddpm1000_images_per_s": p["images/s"]}
-    for key, row in (("ddim50", d), ("ddpm1000", p), ("real", first("real test images (baseline)")),
+    specs = report_samplers(cfg)
+    d = first(specs["ddim"].label)
+    out = {"n": d["n"], "guidance": d["guidance"], "eta": d["eta"], "train_steps": cfg.steps,
+           "images_per_s": d["images_per_s"]}
+    named = {spec.name: first(spec.label) for spec in specs.values()}
+    for key, row in (*named.items(), ("real", first("real test images (baseline)")),
                      ("recon", first("VAE reconstructions of them"))):
-        out |= {f"{key}_cond_acc": row["cond. accuracy"], f"{key}_cond_acc_ci": list(row["acc. 95% CI"]),
-                f"{key}_fd": row["feature FD"], f"{key}_fd_ci": list(row["FD 95% CI"])}
+        out |= {f"{key}_cond_acc": row["cond_accuracy"], f"{key}_cond_acc_ci": list(row["cond_accuracy_ci"]),
+                f"{key}_fd": row["feature_fd"], f"{key}_fd_ci": list(row["feature_fd_ci"])}
+    for key, row in named.items():
+        out |= {f"{key}_n": row["n"], f"{key}_images_per_s": row["images_per_s"]}
+    for key in ("ddim_50", "ddpm_1000"):
+        out |= {k.replace(key, key.replace("_", ""), 1): v for k, v in out.items() if k.startswith(f"{key}_")}
     return out
 
 

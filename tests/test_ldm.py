@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from gm.eval import Classifier
-from gm.ldm import LDMConfig, encode_images, evaluate_ldm, ldm_config, plot_loss, summary, train_ldm
+from gm.flow import RectifiedFlow
+from gm.ldm import (
+    LDMConfig,
+    encode_images,
+    evaluate_ldm,
+    ldm_config,
+    plot_loss,
+    report_samplers,
+    summary,
+    table,
+    train_ldm,
+)
 from gm.model import VAE
+from gm.sampler import SamplerSpec
 
 
 def tiny_vae() -> VAE:
@@ -25,6 +37,11 @@ def test_config_validation():
         ldm_config("mnist", "smoke", schedule="sigmoid")
     with pytest.raises(ValueError, match="dataset"):
         ldm_config("svhn", "smoke")
+    with pytest.raises(ValueError, match="process must be one of"):
+        ldm_config("mnist", "smoke", process="score")
+    # the process field is new: runs of the default process keep their folder names, another process gets its own
+    assert cfg.run_name("ab" * 20) == "cifar10_smoke_72f61b33_vaeabababab"
+    assert ldm_config("cifar10", "smoke", process="flow").run_name("ab" * 20) != cfg.run_name("ab" * 20)
 
 
 def test_encoding_checks_the_images_once():
@@ -59,27 +76,40 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
     cfg = ldm_config("mnist", "smoke", timesteps=20, ddim_steps=5, samples_per_class=3, ddpm_samples_per_class=2,
                      sample_batch_size=7, progress=False)
     run = train_ldm(cfg, vae=tiny_vae())
-    rows = evaluate_ldm(run, Classifier(1, width=4).eval(),
-                        {"ddpm": {"sampler": "ddpm"}, "ddim": {"sampler": "ddim", "steps": 5}},
-                        fig_prefix=tmp_path / "ldm_mnist")
-    assert [r["images from"] for r in rows] == ["real test images (baseline)", "VAE reconstructions of them",
+    rows = evaluate_ldm(run, Classifier(1, width=4).eval(), fig_prefix=tmp_path / "ldm_mnist")  # report_samplers
+    assert [r["images_from"] for r in rows] == ["real test images (baseline)", "VAE reconstructions of them",
                                                 "DDPM-20", "DDIM-5"]
     # baselines: as many real images as DDIM generates; DDPM: its own (smaller) count
     assert [r["n"] for r in rows] == [30, 30, 20, 30]
     for row in rows:
-        (acc_lo, acc_hi), (fd_lo, fd_hi) = row["acc. 95% CI"], row["FD 95% CI"]
-        assert 0 <= acc_lo <= row["cond. accuracy"] <= acc_hi <= 1 and 0 <= fd_lo < fd_hi and row["feature FD"] >= 0
-    assert rows[2]["speed-up"] == 1.0 and rows[3]["images/s"] > 0
+        (acc_lo, acc_hi), (fd_lo, fd_hi) = row["cond_accuracy_ci"], row["feature_fd_ci"]
+        assert 0 <= acc_lo <= row["cond_accuracy"] <= acc_hi <= 1 and 0 <= fd_lo < fd_hi and row["feature_fd"] >= 0
+    assert rows[2]["speed_up"] == 1.0 and rows[3]["images_per_s"] > 0
+    assert [r["network_calls"] for r in rows[2:]] == [20, 5]
     assert (tmp_path / "ldm_mnist_ddpm.png").is_file() and (tmp_path / "ldm_mnist_ddim.png").is_file()
+    assert table(rows).startswith("| dataset | images from | n | cond. accuracy | acc. 95% CI |")  # display names
+    # keys name the sampler and its steps as run; "ddim50_*"/"ddpm1000_*" only where DDIM-50/DDPM-1000 ran
     headline = summary(rows, cfg)
-    assert headline["n"] == 30 and headline["ddpm1000_n"] == 20 and headline["ddim50_fd"] == rows[3]["feature FD"]
-    assert headline["real_fd"] == rows[0]["feature FD"] and len(headline["ddim50_cond_acc_ci"]) == 2
-    assert "eta" not in rows[2] and rows[3]["eta"] == headline["eta"] == 0.0 and headline["train_steps"] == cfg.steps
+    assert headline["n"] == headline["ddim_5_n"] == 30 and headline["ddpm_20_n"] == 20
+    assert headline["ddim_5_fd"] == rows[3]["feature_fd"] and not any(k.startswith("ddim50") for k in headline)
+    assert headline["real_fd"] == rows[0]["feature_fd"] and len(headline["ddim_5_cond_acc_ci"]) == 2
+    assert "eta" not in rows[2] and rows[3]["eta"] == headline["eta"] == cfg.ddim_eta == 1.0
+    assert headline["train_steps"] == cfg.steps
     with pytest.raises(ValueError, match="DDIM-50"):
         summary(rows, ldm_config("mnist", "smoke", ddim_steps=50))
+    renamed = [{**r, "images_from": {"DDIM-5": "DDIM-50", "DDPM-20": "DDPM-1000"}.get(r["images_from"],
+                                                                                       r["images_from"])}
+               for r in rows]
+    quick = summary(renamed, ldm_config("mnist", "smoke", ddim_steps=50, timesteps=1000))
+    assert quick["ddim50_cond_acc"] == quick["ddim_50_cond_acc"] and quick["ddpm1000_n"] == quick["ddpm_1000_n"] == 20
     with pytest.raises(ValueError, match="test images"):
         evaluate_ldm(dataclasses.replace(run, config=dataclasses.replace(cfg, reference_size=9_990)),
-                     Classifier(1, width=4).eval(), {"ddim": {"sampler": "ddim", "steps": 5}})
+                     Classifier(1, width=4).eval(), {"ddim": SamplerSpec(run.model.process, 5)})
+    with pytest.raises(TypeError, match="SamplerSpec"):
+        evaluate_ldm(run, Classifier(1, width=4).eval(), {"ddim": {"sampler": "ddim", "steps": 5}})
+    with pytest.raises(ValueError, match="not this model's"):  # a flow spec on a DDPM model
+        evaluate_ldm(run, Classifier(1, width=4).eval(), {"flow": SamplerSpec(RectifiedFlow(20), 5)})
+    assert report_samplers(cfg)["ddim"].name == "ddim_5"
 
 
 def test_quick_and_full_presets_measure_at_least_1000_samples_against_5000_real_images():

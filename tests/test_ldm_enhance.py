@@ -10,15 +10,18 @@ import torch
 from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
     LDMEnhanceConfig,
+    flow_comparison,
     guidance_sweep,
     headline,
     ldm_enhance_config,
     log_snr,
+    plot_flow_comparison,
     plot_guidance_sweep,
     plot_schedules,
     plot_step_sweep,
     reference_rows,
     step_sweep,
+    train_flow,
     train_variant,
     variant_comparison,
     weights_comparison,
@@ -65,6 +68,10 @@ def test_config_presets_and_validation():
         smoke_config(ddim_etas=(-0.5,))
     with pytest.raises(ValueError, match="compare_eta"):
         smoke_config(compare_eta=-1.0)
+    with pytest.raises(ValueError, match="flow_calls must be even"):
+        smoke_config(flow_calls=(3,))
+    assert ldm_enhance_config("quick").flow_calls == (10, 20, 50)
+    assert 10 * ldm_enhance_config("quick").flow_samples_per_class == 1000  # 1,000 images per point
 
 
 def split(rows):
@@ -76,24 +83,24 @@ def test_step_sweep_rows_and_figure(tiny, tmp_path):
     run, classifier = tiny
     cfg = smoke_config(ddim_steps=(2, 5, T), ddim_etas=(0.0,), ddpm=True)
     references, samples = split(step_sweep(run, classifier, cfg))
-    assert [r["images from"] for r in samples] == [f"DDPM-{T}", "DDIM-2", "DDIM-5", f"DDIM-{T}"]
+    assert [r["images_from"] for r in samples] == [f"DDPM-{T}", "DDIM-2", "DDIM-5", f"DDIM-{T}"]
     assert [r["steps"] for r in samples] == [T, 2, 5, T]
-    assert samples[0]["speed-up"] == 1.0  # relative to DDPM
+    assert samples[0]["speed_up"] == 1.0  # relative to DDPM
     assert {r["guidance"] for r in samples} == {run.config.guidance_scale}  # default: the 2.3 setting
-    assert len(references) >= 1 and references[0]["images from"].startswith("real test images")
+    assert len(references) >= 1 and references[0]["images_from"].startswith("real test images")
     for row in references + samples:
-        assert row["n"] == 10 * cfg.samples_per_class and 0 <= row["cond. accuracy"] <= 1 and row["feature FD"] >= 0
+        assert row["n"] == 10 * cfg.samples_per_class and 0 <= row["cond_accuracy"] <= 1 and row["feature_fd"] >= 0
     # Deterministic DDIM from the same start noise: more steps change the images, the same steps repeat them.
-    assert samples[1]["feature FD"] != samples[3]["feature FD"]
+    assert samples[1]["feature_fd"] != samples[3]["feature_fd"]
     again = split(step_sweep(run, classifier, smoke_config(ddim_steps=(2,), ddpm=False)))[1]
-    assert again[0]["feature FD"] == samples[1]["feature FD"]
+    assert again[0]["feature_fd"] == samples[1]["feature_fd"]
     assert plot_step_sweep(references + samples, tmp_path / "steps.png", "smoke").stat().st_size > 0
     # Stochastic DDIM (eta = 1) over all T steps is the ancestral DDPM sampler (same noise draws, same variances).
     _, (ddpm, *stochastic) = split(step_sweep(run, classifier, smoke_config(ddim_steps=(5, T), ddim_etas=(1.0,),
                                                                           ddpm=True)))
     assert [(r["steps"], r["eta"]) for r in stochastic] == [(5, 1.0), (T, 1.0)]
-    all_steps, few_steps = (abs(r["feature FD"] - ddpm["feature FD"]) for r in (stochastic[1], stochastic[0]))
-    assert all_steps < 1e-5 * ddpm["feature FD"] and few_steps > 100 * all_steps
+    all_steps, few_steps = (abs(r["feature_fd"] - ddpm["feature_fd"]) for r in (stochastic[1], stochastic[0]))
+    assert all_steps < 1e-5 * ddpm["feature_fd"] and few_steps > 100 * all_steps
     with pytest.raises(ValueError, match="DDIM steps"):
         step_sweep(run, classifier, smoke_config(ddim_steps=(T + 1,)))
 
@@ -108,11 +115,11 @@ def test_guidance_scale_one_is_the_conditional_model(tiny, tmp_path):
     plain = smoke_config(ddim_steps=(5,), ddim_etas=(cfg.compare_eta,), ddpm=False, guidance_scale=1.0)
     conditional = split(step_sweep(run, classifier, plain))[1]
     w1 = samples[1]
-    assert (w1["cond. accuracy"], w1["feature FD"]) == (conditional[0]["cond. accuracy"], conditional[0]["feature FD"])
-    assert len({r["feature FD"] for r in samples}) == 3  # w = 0 and w = 3 sample other images
+    assert (w1["cond_accuracy"], w1["feature_fd"]) == (conditional[0]["cond_accuracy"], conditional[0]["feature_fd"])
+    assert len({r["feature_fd"] for r in samples}) == 3  # w = 0 and w = 3 sample other images
     assert all((tmp_path / f"cfg_w{w:g}.png").is_file() for w in (0, 1, 3))
     numbers = headline(rows, ("guidance",))
-    assert list(numbers) == ["0", "1", "3"] and numbers["1"]["fd"] == w1["feature FD"]
+    assert list(numbers) == ["0", "1", "3"] and numbers["1"]["fd"] == w1["feature_fd"]
     assert numbers["3"]["n"] == 10 * cfg.samples_per_class and len(numbers["3"]["cond_acc_ci"]) == 2
     assert plot_guidance_sweep(rows, tmp_path / "cfg.png", "smoke").stat().st_size > 0
 
@@ -122,10 +129,10 @@ def test_weights_comparison_samples_the_chosen_weights(tiny):
     cfg = smoke_config()
     references, (ema, raw) = split(weights_comparison(run, classifier, cfg))
     assert {r["weights"] for r in references} == {"-"} and (ema["weights"], raw["weights"]) == ("EMA", "raw")
-    assert ema["feature FD"] != raw["feature FD"]  # the EMA output layer was perturbed
-    assert raw["val. loss"] == run.eval_rows[-1]["val_loss"]
+    assert ema["feature_fd"] != raw["feature_fd"]  # the EMA output layer was perturbed
+    assert raw["val_loss"] == run.eval_rows[-1]["val_loss"]
     _, same = split(weights_comparison(dataclasses.replace(run, ema_model=run.model), classifier, cfg))
-    assert same[0]["feature FD"] == same[1]["feature FD"] == raw["feature FD"]
+    assert same[0]["feature_fd"] == same[1]["feature_fd"] == raw["feature_fd"]
 
 
 def test_shared_references_give_the_same_rows(tiny):
@@ -134,7 +141,8 @@ def test_shared_references_give_the_same_rows(tiny):
     refs = reference_rows(run, classifier, cfg)
     assert len(refs.features) == run.config.reference_size and [r["n"] for r in refs.rows] == [30, 30]
     shared, fresh = weights_comparison(run, classifier, cfg, refs=refs), weights_comparison(run, classifier, cfg)
-    assert [(r["feature FD"], r["FD 95% CI"]) for r in shared] == [(r["feature FD"], r["FD 95% CI"]) for r in fresh]
+    fd = [(r["feature_fd"], r["feature_fd_ci"]) for r in shared]
+    assert fd == [(r["feature_fd"], r["feature_fd_ci"]) for r in fresh]
 
 
 def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):
@@ -142,14 +150,14 @@ def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):
     cosine = train_variant(run, "cosine schedule", progress=False)
     changed = {k for k, v in dataclasses.asdict(cosine.config).items() if getattr(run.config, k) != v}
     assert changed == {"schedule"}
-    assert cosine.model.diffusion.schedule == "cosine" and cosine.run_dir != run.run_dir
+    assert cosine.model.process.schedule == "cosine" and cosine.run_dir != run.run_dir
     assert len(cosine.train_rows) == run.config.steps
     rows = variant_comparison(run, classifier, smoke_config(variants=("cosine schedule", "v-prediction")),
                               fig_prefix=tmp_path / "variant")
     samples = split(rows)[1]
     assert [(r["model"], r["schedule"], r["prediction"]) for r in samples] == [
         ("2.3 model", "linear", "eps"), ("cosine schedule", "cosine", "eps"), ("v-prediction", "linear", "v")]
-    assert {r["train steps"] for r in samples} == {run.config.steps}
+    assert {r["train_steps"] for r in samples} == {run.config.steps}
     assert (tmp_path / "variant_cosine_schedule_eta0.png").is_file()
     with pytest.raises(ValueError, match="unknown variant"):
         train_variant(run, "sigmoid schedule")
@@ -164,3 +172,22 @@ def test_cosine_schedule_endpoints(tmp_path):
     assert bool((snr_cos[1:] < snr_cos[:-1]).all())
     assert snr_cos[500] > snr_lin[500] + 2  # the cosine schedule keeps more signal in the middle of the chain
     assert plot_schedules(tmp_path / "schedules.png", "smoke").stat().st_size > 0
+
+
+def test_flow_comparison_at_equal_network_calls(tiny, tmp_path):
+    run, classifier = tiny
+    flow = train_flow(run, progress=False)
+    changed = {k for k, v in dataclasses.asdict(flow.config).items() if getattr(run.config, k) != v}
+    assert changed == {"process"} and len(flow.train_rows) == run.config.steps  # the same budget
+    cfg = smoke_config(flow_calls=(2, 4), ddim_etas=(0.0, 1.0))
+    rows = flow_comparison(run, classifier, cfg, flow=flow)
+    references, samples = split(rows)
+    assert [(r["model"], r["images_from"], r.get("eta"), r["network_calls"]) for r in samples] == [
+        ("2.3 DDPM", "DDIM-2", 0.0, 2), ("2.3 DDPM", "DDIM-2", 1.0, 2), ("flow", "Flow Euler-2", None, 2),
+        ("flow", "Flow Heun-1", None, 2), ("2.3 DDPM", "DDIM-4", 0.0, 4), ("2.3 DDPM", "DDIM-4", 1.0, 4),
+        ("flow", "Flow Euler-4", None, 4), ("flow", "Flow Heun-2", None, 4)]
+    assert {r["n"] for r in references + samples} == {10 * cfg.flow_samples_per_class}
+    assert {r["guidance"] for r in samples} == {run.config.guidance_scale}
+    assert len({r["feature_fd"] for r in samples}) == len(samples)  # every sampler draws other images
+    assert list(headline(rows, ("images_from", "eta")))[:3] == ["DDIM-2_0", "DDIM-2_1", "Flow Euler-2"]
+    assert plot_flow_comparison(rows, tmp_path / "flow.png", "smoke").stat().st_size > 0
