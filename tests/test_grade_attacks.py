@@ -96,10 +96,11 @@ INIT_ATTACKS = {  # name: code appended to fm/__init__.py
 }
 
 BODY_ATTACKS = {  # name: dpo_loss's body ({solution}: the solution's body, run when the attack's channel is open)
-    "read the solution, the hidden checks and the grader's environment": """
-        import os
+    "read the solution, the hidden checks, other submissions and the grader's environment": """
+        import glob, os
         found = [p for p in ("{root}/fm/dpo.py", "{root}/grading/hidden/task_1_3.py") if os.path.exists(p)]
         found += [k for k in os.environ if k.startswith("HW3_ATTACK_SECRET")]
+        found += glob.glob("/tmp/hw3-grade-*") + glob.glob("/tmp/pytest-of-*/*/*/submission")  # other submissions
         if not found:
             raise RuntimeError("nothing of the grader's could be read")
         {solution}
@@ -143,7 +144,8 @@ BODY_ATTACKS = {  # name: dpo_loss's body ({solution}: the solution's body, run 
 
 REASONS = {  # what the report says for each attack (every other attack leaves the stubs: "Task 1.3: implement")
     "write an all-pass JUnit report and exit before any test": "the worker exited with code 0 during this check",
-    "read the solution, the hidden checks and the grader's environment": "nothing of the grader's could be read",
+    "read the solution, the hidden checks, other submissions and the grader's environment":
+        "nothing of the grader's could be read",
     "open a socket to the grader's machine": "ConnectionRefusedError",  # the sandbox has its own loopback only
     "a memory hog (16 GiB, never touched)": "MemoryError",
     "a fork bomb (bounded at 200 forks)": "children before the process limit",
