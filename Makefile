@@ -24,12 +24,12 @@ setup: $(VENV)/.installed
 
 # make figures PROFILE=full FROM=2_1  restarts the sequence at notebook 2_1 (finished training runs load)
 figures: $(VENV)/.installed
-	HW3_NPROC=$(NPROC) $(PY) -m common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
+	HW3_NPROC=$(NPROC) $(PY) -m course.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
 	$(PY) -m course.report
 
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed
-	HW3_NPROC=$(NPROC) $(PY) -m common.run_notebooks --profile $(PROFILE) $(NB)
+	HW3_NPROC=$(NPROC) $(PY) -m course.run_notebooks --profile $(PROFILE) $(NB)
 
 # make lab: JupyterLab from the venv, at the repository root (notebooks/, fig/ and the package all visible).
 # Notebooks run on the venv's kernel "hw3"; outputs are stripped from notebooks/*.ipynb when committed (nbstripout).

@@ -34,7 +34,7 @@ import pytest
 
 from common.notebook import png_snapshot, saved_since
 from common.paths import data_dir
-from common.run_notebooks import list_notebooks, output_problems
+from course.run_notebooks import list_notebooks, output_problems
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from common import run_notebooks
-from common.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebooks, main, notebooks_from, run_notebook
+from course import run_notebooks
+from course.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebooks, main, notebooks_from, run_notebook
 
 ROOT = Path(__file__).parent.parent
 # fig/ files that the report includes but no notebook writes: the benchmarks' results and make figures' timing table
@@ -118,7 +118,7 @@ def test_every_notebook_starts_with_the_setup_cell_and_the_hw3_kernel():
 def test_every_notebook_is_run_by_make_figures():
     makefile = (ROOT / "Makefile").read_text()
     # no names: runs all of notebooks/, or the tail of the sequence from FROM
-    assert "common.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))\n" in makefile
+    assert "course.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))\n" in makefile
     assert list_notebooks(), "notebooks/ is empty"
 
 

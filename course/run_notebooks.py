@@ -1,4 +1,4 @@
-"""Execute notebooks headless, in order, in one profile: `python -m common.run_notebooks [NAME ...] [--profile P]`.
+"""Execute notebooks headless, in order, in one profile: `python -m course.run_notebooks [NAME ...] [--profile P]`.
 
 Each notebook runs in a fresh kernel with HW3_PROFILE set. While it runs, the runner prints which cell is running
 and the notebook's own printed output (prints, warnings, the trainer's evaluation lines) as it arrives. A failing
