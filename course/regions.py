@@ -28,7 +28,7 @@ END = "### END SOLUTION"
 LINE_LENGTH = 120  # pyproject.toml's ruff line-length, which the stubs keep to
 PACKAGES = ("common", "fm", "gm")  # where solution regions may live (and what a submission provides)
 # Modules that write a graded answer out and are not a student task: the theory problems' solutions. Neither the
-# student release nor the grader's worker gets them; the report template asks for the derivations instead.
+# student release nor the grader's worker gets them; students answer them with derivations in their report.
 PRIVATE_SOURCES = ("fm/theory_dpo.py", "fm/theory_mha.py", "fm/mha_variants.py", "gm/theory_config.py",
                    "gm/theory_ddim.py", "gm/theory_gauss.py", "gm/theory_ou.py", "gm/theory_reverse.py")
 _MARKER_LIKE = re.compile(r"#+\s*(BEGIN|END)\s+SOLUTION\b.*", re.IGNORECASE)

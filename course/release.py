@@ -5,8 +5,8 @@ Writes a copy of the package in which every solution region is replaced by `rais
 tests and the grader, `course/README_STUDENT.md` as README.md (with the task table filled in from
 `course.tasks`) and `course/report_template.md` as report.md. Left out: the solution's report and figures
 (fig/), checkpoints, caches, virtual environments, dist/, the hidden graded checks (grading/hidden/), the theory
-problems' solutions (`course.regions.PRIVATE_SOURCES`, `notebooks/0_theory.ipynb`: the report template asks for
-the derivations), the package's tests of the task functions (they write the graded formulas out) and the tests of
+problems' solutions (`course.regions.PRIVATE_SOURCES`, `notebooks/0_theory.ipynb`: the student README lists the
+problems to answer with derivations in the report), the package's tests of the task functions (they write the graded formulas out) and the tests of
 the solution's own results or of this tooling (PRIVATE). The public checks' reference outputs, computed from the
 solution, ship in `grading/references/` for the student's preview grade.
 
