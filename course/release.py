@@ -6,9 +6,9 @@ tests and the grader, `course/README_STUDENT.md` as README.md (with the task tab
 `course.tasks`) and `course/report_template.md` as report.md. Left out: the solution's report and figures
 (fig/), checkpoints, caches, virtual environments, dist/, the hidden graded checks (grading/hidden/), the theory
 problems' solutions (`course.regions.PRIVATE_SOURCES`, `notebooks/0_theory.ipynb`: the student README lists the
-problems to answer with derivations in the report), the package's tests of the task functions (they write the graded formulas out) and the tests of
-the solution's own results or of this tooling (PRIVATE). The public checks' reference outputs, computed from the
-solution, ship in `grading/references/` for the student's preview grade.
+problems to answer with derivations in the report), the package's tests of the task functions (they write the
+graded formulas out) and the tests of the solution's own results or of this tooling (PRIVATE). The public checks'
+reference outputs, computed from the solution, ship in `grading/references/` for the student's preview grade.
 
 Before anything is written, every region must map to a task and every function a task lists must hold a region
 (else its solution would ship). The release is refused if a shipped file repeats two consecutive statement lines
