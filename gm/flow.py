@@ -64,10 +64,10 @@ class RectifiedFlow(nn.Module):
         noise ~ N(0, I) drawn unless given. x0 (B, ...); y (B,) labels or None."""
         t = self.sample_time(x0.shape[0], x0.device) if t is None else t.to(x0.device)
         noise = torch.randn_like(x0) if noise is None else noise
-        output = model(self.interpolate(x0, noise, t), self.model_time(t), y)
-        if output.shape != x0.shape:
-            raise ValueError(f"model output shape {tuple(output.shape)} != input shape {tuple(x0.shape)}")
-        return F.mse_loss(output.float(), self.target(x0, noise).float())
+        velocity = model(self.interpolate(x0, noise, t), self.model_time(t), y)
+        if velocity.shape != x0.shape:
+            raise ValueError(f"the model's velocity has shape {tuple(velocity.shape)}, the latents {tuple(x0.shape)}")
+        return F.mse_loss(velocity.float(), self.target(x0, noise).float())
 
     def time_grid(self, steps: int | None) -> list[tuple[float, float]]:
         """(t, t_prev) pairs of `steps` equal steps from t = 1 down to 0 (the flow has no default step count)."""
