@@ -63,3 +63,16 @@ student: $(VENV)/.installed
 
 grade: $(VENV)/.installed
 	$(PY) -m course.grade $(SUBMISSION) --out $(GRADE_OUT)$(if $(TASKS), --tasks $(TASKS))
+
+# make submit ID=alice: the hand-in (student release): preview grade, the notebooks run in the smoke profile (unless
+# PROFILE= is given on the command line, e.g. PROFILE=quick for the real figures), report.md rendered, and
+# submission-<ID>.zip with a manifest. make grade-all SUBMISSIONS=dir OUT=dir JOBS=n [GRADESCOPE=1]: a whole class.
+.PHONY: submit grade-all
+submit: $(VENV)/.installed
+	$(PY) -m course.submit --profile $(if $(filter command line environment,$(origin PROFILE)),$(PROFILE),smoke)$(if \
+	$(ID), --id $(ID))$(if $(NB), --notebooks $(NB))
+
+JOBS ?= 1
+grade-all: $(VENV)/.installed
+	$(PY) -m course.grade_all $(SUBMISSIONS) --out $(OUT) --jobs $(JOBS)$(if $(TASKS), --tasks $(TASKS))$(if \
+	$(GRADESCOPE), --gradescope)

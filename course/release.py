@@ -19,12 +19,15 @@ interpreter.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import nbformat
@@ -45,6 +48,7 @@ STUDENT_README = "course/README_STUDENT.md"
 REPORT_TEMPLATE = "course/report_template.md"
 TASK_TABLE = "<!-- task table -->"  # where README_STUDENT.md gets the table of tasks
 MARKER = ".hw3-student-release"  # marks a folder this tool wrote, so a rebuild may replace it
+RELEASE_INFO = "release.json"  # the release's version, source commit and date: `make submit` quotes it
 
 
 @dataclass
@@ -126,7 +130,16 @@ def _write_tree(root: Path, out: Path, regions: list[Region]) -> int:
     (out / "README.md").write_text(readme.replace(TASK_TABLE, task_table(regions)))
     shutil.copyfile(root / REPORT_TEMPLATE, out / "report.md")
     (out / MARKER).write_text("written by `python -m course.release`; rebuilding replaces this folder\n")
-    return files + len(TOP_FILES) + 2
+    (out / RELEASE_INFO).write_text(json.dumps(release_info(root), indent=2) + "\n")
+    return files + len(TOP_FILES) + 3
+
+
+def release_info(root: Path) -> dict:
+    """The package's version (pyproject.toml), the source tree's git commit (None outside git) and the date."""
+    version = re.search(r'^version\s*=\s*"([^"]+)"', (root / "pyproject.toml").read_text(), re.M)[1]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else None
+    return {"version": version, "commit": commit, "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _private(rel: str) -> bool:

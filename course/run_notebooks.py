@@ -135,10 +135,12 @@ def _relay_kernel_stderr(fd: int) -> None:
                 sys.stderr.flush()
 
 
-def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = False) -> float:
+def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = False, save_to: Path | None = None
+                 ) -> float:
     """Execute `path` in memory (the file on disk stays without outputs); returns wall seconds.
 
-    With `echo`, prints each code cell's start and the notebook's printed output while it runs.
+    With `echo`, prints each code cell's start and the notebook's printed output while it runs. With `save_to`, the
+    executed notebook (outputs up to a failing cell included) is written there, whether the run succeeds or not.
     """
     notebook = nbformat.read(path, as_version=4)
     os.environ["HW3_PROFILE"] = profile  # the kernel inherits this process's environment
@@ -160,6 +162,8 @@ def run_notebook(path: Path, profile: str, timeout: int = 3600, echo: bool = Fal
     finally:
         os.close(write_end)  # the kernel has exited: the relay reads to the end of the pipe and stops
         relay.join(timeout=5)
+        if save_to is not None:
+            nbformat.write(notebook, save_to)
     seconds = time.perf_counter() - start
     problems = output_problems(notebook, saved_since(before, png_snapshot(fig_dir())))
     if problems:
