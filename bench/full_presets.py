@@ -50,7 +50,6 @@ RUNS: tuple[tuple[str, str | None], ...] = (
 GAN_KL_WEIGHT = 1e-3  # the kl_weight of 2_2's warm-started GAN sweep
 NOTEBOOKS = {"sft": "1_2_sft", "dpo": "1_3_dpo", "vae": "2_1_vae", "vae_gan": "2_2_gan", "classifier": "2_3_ldm",
              "ldm": "2_3_ldm"}
-TRAIN_SIZES = {"mnist": 60_000, "cifar10": 50_000}  # the official training sets: the full VAE presets count epochs
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 1024, 512  # images per split of the synthetic data dir (>= any probed batch)
 
 # Overrides for a CPU: a micro-batch of one or a few examples, 64-token sequences, tiny evaluation sets; they also run

@@ -37,7 +37,6 @@ from bench.full_presets import (
     GAN_KL_WEIGHT,
     NOTEBOOKS,
     RUNS,
-    TRAIN_SIZES,
     PresetRun,
     run_preset,
     write_synthetic_images,
@@ -46,6 +45,7 @@ from common import dist, fig_dir, get_device
 from common.plotting import markdown_table
 from fm.dpo import dpo_config
 from fm.sft import sft_config
+from gm.data import TRAIN_SIZE
 from gm.eval import classifier_config
 from gm.ldm import ldm_config
 from gm.train import gan_config, vae_config
@@ -71,7 +71,7 @@ def preset_steps(run: str, dataset: str | None, profile: str) -> tuple[int, int]
     if run == "ldm":
         return ldm_config(dataset, profile).steps, 0
     cfg = gan_config(GAN_KL_WEIGHT, 0.1, profile, dataset) if run == "vae_gan" else vae_config(dataset, profile)
-    steps = cfg.num_steps(TRAIN_SIZES[dataset])
+    steps = cfg.num_steps(TRAIN_SIZE[dataset])
     return steps, steps if run == "vae_gan" else 0  # a 2.2 run is all adversarial phase (warm start)
 
 

@@ -8,12 +8,15 @@ tabulates and the tests assert on. Simulations run in float64 (`DTYPE`) on the C
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 DTYPE = torch.float64
+Z_95 = 1.959964  # two-sided 95 % quantile of the standard normal
 
 
 @dataclass
@@ -88,7 +91,29 @@ def ols(y: Tensor, features: list[Tensor]) -> tuple[Tensor, Tensor, float, float
     return coef, (res_var * gram_inv.diagonal()).sqrt(), res_var, var_and_se(residual)[1]
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+class Interval(NamedTuple):
+    """A confidence interval (95 % unless said otherwise); prints as [lo, hi] in tables and is a JSON list."""
+
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"[{self.lo:.4g}, {self.hi:.4g}]"
+
+
+def mean_ci(values: Sequence[float] | Tensor, z: float = Z_95) -> tuple[float, float, float]:
+    """(mean, low, high): the sample mean and its normal-approximation confidence interval mean +- z * s / sqrt(n).
+
+    `s` is the sample standard deviation (n - 1 in the denominator); the default z gives 95 %. Needs n >= 2.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {x.numel()}")
+    mean, se = mean_and_se(x)
+    return mean, mean - z * se, mean + z * se
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> Interval:
     """Wilson score interval (lo, hi) of a binomial proportion successes / n (95 % for the default z); unlike the
     normal approximation it stays inside [0, 1] and is not empty at 0 or n successes."""
     if n <= 0 or not 0 <= successes <= n:
@@ -97,4 +122,4 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
     # at 0 or n successes the bound is exactly 0 or 1 (the formula reaches it only up to round-off)
-    return 0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half
+    return Interval(0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half)

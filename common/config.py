@@ -34,6 +34,12 @@ def check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def json_digest(obj: Any, length: int) -> str:
+    """First `length` hex digits of the SHA-1 of `obj` as sorted-key JSON (str() of what JSON cannot write): the key
+    of a cache entry or run folder made from settings."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def config_digest(cfg: Any, exclude: set[str] | frozenset[str] = frozenset(), length: int = 8) -> str:
     """Short stable hash of a config dataclass's fields minus `exclude` (bookkeeping such as progress/device).
 
@@ -41,4 +47,4 @@ def config_digest(cfg: Any, exclude: set[str] | frozenset[str] = frozenset(), le
     silently reusing a stale one.
     """
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in exclude}
-    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:length]
+    return json_digest(fields, length)

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def get_device(override: str | torch.device | None = None) -> torch.device:
@@ -44,3 +49,15 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 apply_num_threads()
+
+
+def timed(fn: Callable[[], T], device: torch.device | str | None = None) -> tuple[T, float]:
+    """(fn(), wall seconds), synchronising CUDA before and after so the time covers the queued kernels."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(device)  # CUDA runs asynchronously: wait before reading the clock
+    return result, time.perf_counter() - start

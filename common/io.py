@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save(obj, path)` through a temporary file in the same folder, then an atomic rename."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (its folder is created) to write the file to; on a clean exit it is
+    renamed onto `path`, atomically (same file system), and on an error removed, so `path` holds the old file or
+    the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-    return path
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj, path)` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def merge_json(path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +52,6 @@ def merge_json(path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
         return out
 
     data = merge(data, updates)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     return data

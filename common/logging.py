@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from common.io import atomic_path
 
 
 class MetricLogger:
@@ -52,18 +53,29 @@ class MetricLogger:
 
     def _rewrite(self) -> None:
         self.columns = list(dict.fromkeys(k for row in self.rows for k in row))
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a reader never sees half a file
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.path)  # atomic: a reader never sees a half-written file
         self._written = True
 
     def column(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of the rows that have `key`."""
-        pairs = [(r["step"], r[key]) for r in self.rows if key in r and r[key] != ""]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+        return column(self.rows, key)
+
+
+def column(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the log rows that have `key` (a CSV's empty cell counts as missing)."""
+    pairs = [(r["step"], r[key]) for r in rows if key in r and r[key] != ""]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` values before it (the first ones average fewer): the smoothing
+    of noisy per-step curves."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / min(i + 1, window) for i in range(len(values))]
 
 
 def read_csv(path: str | Path) -> list[dict]:

@@ -1,7 +1,10 @@
-"""Parameter counts of a module."""
+"""Parameter counts of a module, and the digest of its weights."""
 
 from __future__ import annotations
 
+import hashlib
+
+import torch
 from torch import nn
 
 
@@ -11,3 +14,17 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     Tied weights count once, since `module.parameters()` yields each tensor once.
     """
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-1 (40 hex digits) of a module's state dict: each name, then its tensor's bytes, in sorted name order.
+
+    The identity of a model in run names and cache keys (the VAE an LDM and its latent cache belong to, the policy
+    that sampled preference pairs). The bytes are read as uint8 so that any dtype hashes (numpy has no bfloat16);
+    for float32 they equal `tensor.numpy().tobytes()`, the hash the LDM's keys were made with.
+    """
+    sha = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from common import make_config
+from common.checks import mean_ci
 from common.config import check
 from common.memory import peak_memory
 from common.params import count_parameters
 from fm.dpo import PREFERENCE_LOSSES, dpo_config, train_dpo
 from fm.dpo_analysis import PolicyEval, completion_logps, evaluate_policy
 from fm.generate import sample_completions
-from fm.metrics import distinct_n, mean_ci, win_rate
+from fm.metrics import distinct_n, win_rate
 from fm.preference import chitchat_prompts
 from fm.reward import sentiment_reward
 from fm.sft import HOMEWORK_PROMPT, build_sft, sft_config

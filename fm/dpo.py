@@ -23,8 +23,6 @@ validation batches; rank 0 writes the pair and reference caches, the checkpoints
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,8 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common import cache_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.config import check, config_digest
+from common.config import check, config_digest, json_digest
 from common.io import atomic_save
+from common.params import weights_digest
 from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
 from fm.lora import apply_lora, merge_lora
 from fm.preference import (
@@ -50,7 +49,6 @@ from fm.preference import (
     resolve_pair_source,
     sentiment_pairs,
     tokenize_pair,
-    weights_digest,
 )
 from fm.pretrained import load_lm
 from fm.sft import load_or_train_sft, sft_config
@@ -241,8 +239,7 @@ def reference_data(pairs: Sequence[Pair], tokenizer, reference: nn.Module, block
     sizes and the reference's weights: the runs of one SFT model on the same pairs (1.3's, 1.4's) pay it once. The
     batch size is part of the key because validation batches must be the reference pass's chunks (exact ties at
     step 0)."""
-    key = hashlib.sha1(json.dumps([list(pairs), block_size, batch_size, weights_digest(reference)], sort_keys=True,
-                                  default=str).encode()).hexdigest()[:16]
+    key = json_digest([list(pairs), block_size, batch_size, weights_digest(reference)], 16)
     path = cache_dir() / "reference_logps" / f"{key}.pt"
     if path.exists():
         return PreferenceData(**torch.load(path, weights_only=True))

@@ -1,17 +1,15 @@
 """Analysis of a DPO policy (tasks 1.3, 1.4): the numerical checks of 1.3.1 and of the DPO gradient, reward accuracy
-by kind of pair, DPO's implicit reward of any (prompt, response), and the evaluation of a policy by an external
-reward on held-out prompts.
+by kind of pair, and the evaluation of a policy by an external reward on held-out prompts.
 
 The evaluation (`evaluate_policy`) is what the DPO paper's sentiment experiment measures: sample one reply per
 held-out prompt from the policy, score it with the oracle (`fm.reward.sentiment_reward`), and estimate the policy's
 sequence-level KL(pi || pi_ref) from the same samples, E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)]. Reward against KL
-over several beta is the reward-KL frontier (`plot_frontier`, the paper's Figure 2, left). The implicit reward is no
-such measure: on samples of pi its mean is that KL, >= 0 whatever DPO learned.
+over several beta is the reward-KL frontier (`plot_frontier`, the paper's Figure 2, left). DPO's implicit reward
+beta * log(pi / pi_ref) is no such measure: on samples of pi its mean is that KL, >= 0 whatever DPO learned.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 from collections.abc import Sequence
@@ -22,13 +20,16 @@ import torch
 from torch import nn
 
 from common import cache_dir
+from common.checks import mean_ci
+from common.config import json_digest
 from common.io import atomic_save, merge_json
+from common.params import weights_digest
 from common.plotting import new_figure, save_figure
 from fm.data import IGNORE_INDEX, collate
 from fm.dpo import PreferenceData, concatenated_logps, dpo_loss, pair_logps, reward_accuracy, sequence_logps
 from fm.generate import Completions, sample_completions
-from fm.metrics import distinct_n, mean_ci, win_rate
-from fm.preference import Pair, tokenize_pair, tokenize_response, weights_digest
+from fm.metrics import distinct_n, win_rate
+from fm.preference import Pair, tokenize_pair
 from fm.reward import sentiment_reward
 from fm.tokenizer import padding_id
 
@@ -125,37 +126,6 @@ def reference_preference(data: PreferenceData) -> torch.Tensor:
     return reward_accuracy(data.reference_chosen, data.reference_rejected)
 
 
-@torch.no_grad()
-def response_logps(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                   block_size: int = 256, batch_size: int = 8) -> torch.Tensor:
-    """log pi(response | prompt) summed over the response tokens and its EOS, (N,) on the CPU."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    examples = [tokenize_response(tokenizer, p, r, block_size) for p, r in zip(prompts, responses, strict=True)]
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], padding_id(tokenizer)).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(sequence_logps(logits, batch["input_ids"], batch["labels"] != IGNORE_INDEX).float().cpu())
-    return torch.cat(out)
-
-
-def implicit_reward(policy: nn.Module, reference: nn.Module, tokenizer, prompts: Sequence[str],
-                    responses: Sequence[str], beta: float = 0.1, block_size: int = 256) -> torch.Tensor:
-    """DPO's implicit reward beta * log(pi(y|x) / pi_ref(y|x)) of each (prompt, response), shape (N,).
-
-    It is the reward model that the DPO policy is optimal for (up to a function of the prompt alone), so it can rank
-    any responses to the same prompt, e.g. sampled generations. Both models must share `tokenizer`.
-    """
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    policy.eval()
-    reference.eval()
-    return beta * (response_logps(policy, tokenizer, prompts, responses, block_size)
-                   - response_logps(reference, tokenizer, prompts, responses, block_size))
-
-
 # ---------------------------------------------------------------------------------------------- policy evaluation
 @torch.no_grad()
 def completion_logps(model: nn.Module, completions: Completions, pad_token_id: int, batch_size: int = 16
@@ -224,8 +194,7 @@ def evaluate_policy(name: str, policy: nn.Module, reference: nn.Module, tokenize
     path = None
     if cache:
         key = [weights_digest(policy), weights_digest(reference), list(prompts), max_new_tokens, seed, batch_size]
-        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-        path = cache_dir() / "policy_evals" / f"{digest}.pt"
+        path = cache_dir() / "policy_evals" / f"{json_digest(key, 16)}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=True)
             return PolicyEval(name, Completions(**saved.pop("completions")), **saved)

@@ -11,7 +11,6 @@ exact token ids sampled (what a log-probability of the sample, e.g. a KL estimat
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from common.device import timed
 from fm.data import encode
 from fm.model import position_ids_from_mask
 from fm.tokenizer import padding_id
@@ -234,12 +234,6 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_
     return Completions(list(prompts), replies, prompt_ids, completion_ids)
 
 
-def sample_replies(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                   seed: int = 0, **decoding) -> list[str]:
-    """The reply texts of `sample_completions`."""
-    return sample_completions(model, tokenizer, prompts, max_new_tokens, batch_size, seed, **decoding).replies
-
-
 def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Sequence[int], **kwargs) -> list[dict]:
     """Greedy `generate` of n new tokens with and without the KV cache, for each n in `new_tokens`; one row per n.
 
@@ -248,19 +242,14 @@ def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Se
     every run makes exactly n tokens). Row: n, seconds and new tokens/s (all B rows counted) of both, the speed-up,
     and whether both produced the same tokens. A short warm-up run first pays the one-off allocations.
     """
-    cuda = next(model.parameters()).device.type == "cuda"
+    device = next(model.parameters()).device
     generate(model, input_ids, 2, temperature=0.0, **kwargs)
     rows = []
     for n in new_tokens:
         seconds, outputs = {}, {}
         for use_cache in (True, False):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs[use_cache] = generate(model, input_ids, n, temperature=0.0, use_cache=use_cache, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()  # CUDA runs asynchronously: wait before reading the clock
-            seconds[use_cache] = time.perf_counter() - start
+            outputs[use_cache], seconds[use_cache] = timed(
+                lambda c=use_cache, n=n: generate(model, input_ids, n, temperature=0.0, use_cache=c, **kwargs), device)
         made = n * input_ids.shape[0]
         rows.append({"new tokens": n, "cached (s)": seconds[True], "uncached (s)": seconds[False],
                      "cached tokens/s": made / seconds[True], "uncached tokens/s": made / seconds[False],

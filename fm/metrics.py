@@ -3,10 +3,11 @@ rate with ties counted half)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
+
+from common.checks import Z_95, mean_ci
 
 
 def distinct_n(sequences: Sequence[Sequence | str], n: int) -> float:
@@ -27,21 +28,6 @@ def distinct_n(sequences: Sequence[Sequence | str], n: int) -> float:
         unique.update(grams)
         total += len(grams)
     return len(unique) / total if total else 0.0
-
-
-Z_95 = 1.959964  # two-sided 95 % quantile of the standard normal
-
-
-def mean_ci(values: Sequence[float] | torch.Tensor, z: float = Z_95) -> tuple[float, float, float]:
-    """(mean, low, high): the sample mean and its normal-approximation confidence interval mean +- z * s / sqrt(n).
-
-    `s` is the sample standard deviation (n - 1 in the denominator); z = 1.96 gives 95 %. Needs n >= 2.
-    """
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if x.numel() < 2:
-        raise ValueError(f"a confidence interval needs at least 2 values, got {x.numel()}")
-    mean, half = x.mean().item(), z * x.std().item() / math.sqrt(x.numel())
-    return mean, mean - half, mean + half
 
 
 def win_scores(rewards_a: Sequence[float] | torch.Tensor, rewards_b: Sequence[float] | torch.Tensor) -> torch.Tensor:

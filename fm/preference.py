@@ -27,9 +27,7 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 from collections.abc import Sequence
 
@@ -37,6 +35,9 @@ import torch
 from torch import nn
 
 from common import cache_dir, dist
+from common.config import json_digest
+from common.io import atomic_path
+from common.params import weights_digest
 from fm.data import (
     HH_DATASET,
     IGNORE_INDEX,
@@ -205,20 +206,6 @@ def label_pairs(prompts: Sequence[str], replies_a: Sequence[str], replies_b: Seq
     return pairs
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def weights_digest(model: nn.Module, length: int = 12) -> str:
-    """Hash of every tensor of `model`'s state dict (names, shapes, dtypes, bytes): the model's identity."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:length]
-
-
 def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, max_new_tokens: int = 40,
                     margin: float = 0.1, batch_size: int = 32, seed: int = 0) -> list[Pair]:
     """`n_pairs` on-policy pairs of `split` ("train" | "validation"), labelled by `fm.reward.sentiment_reward`.
@@ -241,8 +228,8 @@ def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, m
     prompts = chitchat_prompts(split, seed)
     settings = dict(policy=weights_digest(policy), split=split, max_new_tokens=max_new_tokens, margin=margin,
                     batch_size=batch_size, seed=seed, temperature=1.0, reward="vader-compound",
-                    prompts=_digest(prompts))
-    path = cache_dir() / "preference_pairs" / f"{split}_{_digest(settings)}.json"
+                    prompts=json_digest(prompts, 12))
+    path = cache_dir() / "preference_pairs" / f"{split}_{json_digest(settings, 12)}.json"
     cached = json.loads(path.read_text()) if path.exists() else {"prompts_sampled": 0, "pairs": []}
     pairs, used = cached["pairs"], cached["prompts_sampled"]
     if len(pairs) >= n_pairs:
@@ -267,10 +254,8 @@ def sentiment_pairs(policy: nn.Module, tokenizer, split: str, n_pairs: int, *, m
     if not dist.is_main_process():
         dist.barrier()  # while rank 0 writes the cache
         return pairs[:n_pairs]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"settings": settings, "prompts_sampled": used, "pairs": pairs}, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "prompts_sampled": used, "pairs": pairs}, indent=1))
     dist.barrier()
     print(f"{n_pairs} {split} sentiment pairs: {len(pairs)} kept of {used} prompts answered twice "
           f"(sampled {used - cached['prompts_sampled']} now), cached in {path}")

@@ -32,10 +32,12 @@ from PIL import Image
 
 from common import cache_dir, data_dir
 from common.hub import hub_reachable
+from common.io import atomic_path
 
 SPLITS = ("train", "test")
 DATASETS = ("mnist", "cifar10")
 CHANNELS = {"mnist": 1, "cifar10": 3}  # image channels per data set
+TRAIN_SIZE = {"mnist": 60_000, "cifar10": 50_000}  # images of the official training sets (presets count epochs)
 # Official CIFAR-10 label order (also the alphabetical order of the ImageFolder class folders).
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 HUB_REPOS = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", "img")}
@@ -168,9 +170,8 @@ def _read_npz(path: Path) -> Arrays:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)  # atomic, so concurrent readers never see a half-written cache
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # concurrent readers never see a half-written cache
+        np.savez(f, **arrays)  # a file object: savez adds no .npz suffix
 
 
 def _hub(name: str) -> Callable[[str], Arrays]:

@@ -9,8 +9,6 @@ real-vs-real baseline measured with the same number of images, not with publishe
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -21,31 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.checks import wilson_interval as binomial_interval
+from common.checks import Interval, wilson_interval
 from common.config import check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
 from common.trainer import Metrics, Trainer, warmup_cosine
-from gm.data import CHANNELS, DATASETS, load_dataset, subset_indices
+from gm.data import CHANNELS, DATASETS, TRAIN_SIZE, load_dataset, subset_indices
 
 T = TypeVar("T")
-TRAIN_SIZE = {"mnist": 60_000, "cifar10": 50_000}
-
-
-class Interval(NamedTuple):
-    """A 95 % confidence interval; prints as [lo, hi] in tables and is a JSON list."""
-
-    lo: float
-    hi: float
-
-    def __str__(self) -> str:
-        return f"[{self.lo:.4g}, {self.hi:.4g}]"
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> Interval:
-    """`common.checks.wilson_interval` (Wilson score interval of successes / n, 95 % for the default z) as an
-    Interval."""
-    return Interval(*binomial_interval(successes, n, z))
 
 
 class ConvGroup(nn.Module):
@@ -412,14 +393,3 @@ def bootstrap_frechet_interval(features1: Tensor, features2: Tensor | FrechetRef
     q_lo, q_hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype)).tolist()
     estimate = frechet_distance(f1, ref)
     return Interval(max(0.0, 2 * estimate - q_hi), max(0.0, 2 * estimate - q_lo))
-
-
-def timed(fn: Callable[[], T], device: torch.device | None = None) -> tuple[T, float]:
-    """(fn(), wall seconds), synchronising CUDA so the time covers the queued kernels."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start

@@ -16,7 +16,6 @@ batch_size / N latents of the step's batch with its own timesteps and noise, and
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,8 +27,11 @@ from torch import Tensor, nn
 from common import cache_dir, checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.config import check, config_digest
 from common.data import batch_indices
+from common.device import timed
 from common.ema import EMA
 from common.io import atomic_save
+from common.logging import trailing_mean
+from common.params import weights_digest  # the VAE's identity in latent caches and LDM run names
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
@@ -40,7 +42,6 @@ from gm.eval import (
     bootstrap_frechet_interval,
     frechet_distance,
     predict,
-    timed,
     wilson_interval,
 )
 from gm.flow import RectifiedFlow
@@ -209,15 +210,6 @@ def build_ldm(cfg: LDMConfig, latent_channels: int, latent_mean: Tensor, latent_
 # --------------------------------------------------------------------------------------------- latents
 
 
-def weights_digest(module: nn.Module) -> str:
-    """SHA-1 of a module's weights: identifies the VAE a latent cache or LDM checkpoint belongs to."""
-    sha = hashlib.sha1()
-    for name, tensor in sorted(module.state_dict().items()):
-        sha.update(name.encode())
-        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return sha.hexdigest()
-
-
 @torch.no_grad()
 def encode_images(vae: VAE, images: Tensor, batch_size: int = 500) -> Tensor:
     """(N, C, 32, 32) images in [0, 1] -> (N, z_channels, 8, 8) posterior means, on CPU. The images are checked
@@ -338,9 +330,9 @@ def main(argv: list[str] | None = None) -> None:
 def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
     """Training loss (moving average over `window` steps) and the fixed-noise validation loss (raw and EMA)."""
     steps = [r["step"] for r in run.train_rows]
-    losses = torch.tensor([r["loss"] for r in run.train_rows])
+    losses = [r["loss"] for r in run.train_rows]
     window = max(1, min(window, len(losses)))
-    smooth = losses.unfold(0, window, 1).mean(1).tolist()
+    smooth = trailing_mean(losses, window)[window - 1 :]  # full windows only
     series = {f"train (mean of {window} steps)": (steps[window - 1:], smooth)}
     for key, label in (("val_loss", "test, raw weights"), ("val_loss_ema", "test, EMA weights")):
         series[label] = ([r["step"] for r in run.eval_rows], [r[key] for r in run.eval_rows])

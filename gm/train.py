@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.checks import mean_and_se
+from common.checks import mean_ci
 from common.config import check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
+from common.logging import column, trailing_mean
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
 from gm.loss import adaptive_gan_weight, d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
@@ -367,8 +368,8 @@ def evaluate(vae: VAE, dataset: str, num_images: int | None = None, batch_size: 
     n, dims = len(images), images[0].numel()
     out: dict[str, float] = {"n": n}
     for key, chunks in per_image.items():
-        mean_value, se = mean_and_se(torch.cat(chunks).double())
-        out[key], out[f"{key}_ci95"] = mean_value, 1.96 * se
+        mean_value, _, high = mean_ci(torch.cat(chunks))
+        out[key], out[f"{key}_ci95"] = mean_value, high - mean_value  # the half-width
     out["neg_elbo_bpd"] = out["neg_elbo_nats"] / (dims * math.log(2))
     out["sharpness"], out["sharpness_ratio"] = sharp_recon / n, sharp_recon / sharp_input
     return out
@@ -387,13 +388,10 @@ def figure_panels(vae: VAE, dataset: str, num_images: int = 32, seed: int = 0) -
 
 def curve(rows: list[dict], key: str, window: int = 1) -> tuple[list[float], list[float]]:
     """(steps, values) of metric `key` in log rows, smoothed by a trailing mean over `window` points."""
-    pairs = [(row["step"], row[key]) for row in rows if key in row]
-    if not pairs:
+    steps, values = column(rows, key)
+    if not steps:
         raise ValueError(f"no metric {key!r} in the rows; available: {sorted({k for r in rows for k in r})}")
-    steps, values = zip(*pairs, strict=True)
-    smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-              for i in range(len(values))]
-    return list(steps), smooth
+    return steps, trailing_mean(values, window)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ from fm.dpo_analysis import (
     evaluate_policy,
     frontier_point,
     gradient_weighting_check,
-    implicit_reward,
-    response_logps,
     rewards_by_kind,
 )
 from fm.reward import sentiment_reward
@@ -199,25 +197,6 @@ def test_dpo_resume_equals_uninterrupted(interrupt_at):
         assert torch.equal(a, b), name
     assert [r["loss"] for r in resumed.trainer.train_log.rows] == [r["loss"] for r in full.trainer.train_log.rows]
     assert resumed.trainer.eval_log.rows == full.trainer.eval_log.rows
-
-
-def test_implicit_reward_is_zero_for_the_reference_and_tracks_the_policy():
-    from fm.pretrained import load_lm
-
-    reference, tok = load_lm("tiny")
-    prompts = ["Human: Hi!\n\nAssistant:"] * 2
-    responses = ["Hello, nice to meet you.", "Go away."]
-    assert implicit_reward(reference, reference, tok, prompts, responses).abs().max() == 0
-    policy = copy.deepcopy(reference)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    rewards = implicit_reward(policy, reference, tok, prompts, responses, beta=0.5)
-    logps = response_logps(policy, tok, prompts, responses) - response_logps(reference, tok, prompts, responses)
-    torch.testing.assert_close(rewards, 0.5 * logps)
-    assert rewards.abs().min() > 1e-3
-    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
-        response_logps(policy, tok, prompts, responses[:1])
 
 
 @pytest.mark.parametrize(

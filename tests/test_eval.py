@@ -15,7 +15,6 @@ from gm.eval import (
     load_or_train_classifier,
     predict,
     random_translate,
-    timed,
     wilson_interval,
 )
 
@@ -161,8 +160,3 @@ def test_classifier_is_trained_once_then_loaded():
         assert torch.equal(p.cpu(), q.cpu())
     with pytest.raises(ValueError, match="unknown config key"):
         load_or_train_classifier("mnist", "smoke", widht=3)
-
-
-def test_timed():
-    result, seconds = timed(lambda: sum(range(1000)))
-    assert result == 499500 and seconds >= 0

@@ -119,12 +119,12 @@ def tiny_lm():
 
 
 def test_batched_left_padded_replies_equal_one_by_one(tiny_lm):
-    from fm.generate import sample_replies
+    from fm.generate import sample_completions
 
     model, tokenizer = tiny_lm
     prompts = ["Human: Hi!\n\nAssistant:", "Human: What is your favourite book and why?\n\nAssistant:"]
-    batched = sample_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2, temperature=0.0)
-    single = [sample_replies(model, tokenizer, [p], max_new_tokens=6, temperature=0.0)[0] for p in prompts]
+    batched = sample_completions(model, tokenizer, prompts, 6, batch_size=2, temperature=0.0).replies
+    single = [sample_completions(model, tokenizer, [p], 6, temperature=0.0).replies[0] for p in prompts]
     assert batched == single
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from common.params import weights_digest
 from fm.data import IGNORE_INDEX
 from fm.preference import (
     KINDS,
@@ -16,7 +17,6 @@ from fm.preference import (
     split_hh_row,
     tokenize_pair,
     tokenize_response,
-    weights_digest,
 )
 from fm.reward import sentiment_reward
 from fm.tokenizer import get_gpt2_tokenizer
