@@ -1,5 +1,6 @@
 """Rectified flow (gm/flow.py) and the sampling pipeline (gm/sampler.py): the path, target, loss and step against
-hand computations, exact integration of constant (Euler, Heun) and linear-in-time (Heun) velocity fields, guidance
+hand computations, exact integration of constant (Euler, Heun) and linear-in-time (Heun) velocity fields, the exact
+field of Gaussian data carrying noise to the data, guidance
 through the pipeline, the process registry, and a tiny flow LDM trained 2 steps and sampled."""
 
 import pytest
@@ -77,6 +78,23 @@ def test_heun_is_exact_for_a_velocity_linear_in_time_and_euler_is_not():
     torch.testing.assert_close(heun, x1 - 3.0, rtol=0, atol=1e-12)
     # Euler with 4 steps reads the velocity at the start of each step: -(sum over t in 1, .75, .5, .25 of v) / 4
     torch.testing.assert_close(euler, x1 - (1.0 + 4.0 * 0.625), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("solver", "steps", "tol"), [("euler", 100, 0.02), ("heun", 10, 0.01)])
+def test_the_exact_velocity_carries_noise_to_gaussian_data(solver, steps, tol):
+    """For x0 ~ N(m, s^2) the exact field E[eps - x0 | x_t] (x_t = (1 - t) x0 + t eps, Var x_t = (1 - t)^2 s^2 + t^2)
+    moves N(0, 1) at t = 1 to N(m, s^2) at t = 0; Heun gets there with a tenth of Euler's steps."""
+    m, s = 2.0, 0.5
+
+    def velocity(x, time, y=None):
+        t = (time / 1000.0)[:, None].double()
+        var = (1 - t) ** 2 * s**2 + t**2
+        centred = x.double() - (1 - t) * m
+        return (t / var * centred - (m + (1 - t) * s**2 / var * centred)).to(x.dtype)
+
+    spec = SamplerSpec(RectifiedFlow(), steps, solver=solver)
+    x = sample(velocity, spec, (20_000, 1), generator=torch.Generator().manual_seed(0), progress=False)
+    assert x.mean().item() == pytest.approx(m, abs=tol) and x.std().item() == pytest.approx(s, rel=2 * tol)
 
 
 def test_guidance_combines_the_conditional_and_unconditional_velocities():
