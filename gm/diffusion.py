@@ -25,7 +25,8 @@ from gm.sampler import Denoiser, SamplerSpec, StepOutput, guided_output
 from gm.sampler import randn as _randn
 from gm.sampler import sample as run_sampler
 
-__all__ = ["GaussianDiffusion", "StepOutput", "beta_schedule", "guided_output"]
+# StepOutput and guided_output moved to gm.sampler; imported here for the code and checks that name them in gm.diffusion
+__all__ = ["PREDICTIONS", "SAMPLERS", "SCHEDULES", "GaussianDiffusion", "StepOutput", "beta_schedule", "guided_output"]
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim")
