@@ -1,7 +1,7 @@
 """One trainer for the VAE (task 2.1) and the VAE + PatchGAN (task 2.2), plus evaluation and the VAE loader
 that the latent diffusion model uses.
 
-Loss of the VAE step, per image and averaged over the batch (the ELBO's convention, see `gm.loss`):
+Loss of the VAE step (`gm.loss.VAEGANLoss`), per image and averaged over the batch (the ELBO's convention):
 ||recon - x||^2 + kl_weight * KL(q(z|x) || N(0, I)) [+ gan_weight * d * G-hinge(D(recon)) from step
 `gan_loss_start` on, with d = 1 ("fixed") or taming's adaptive weight ("adaptive")]. When gan_weight > 0 a second
 step per iteration trains the discriminator with the hinge loss on real images vs. detached reconstructions. Both
@@ -32,14 +32,13 @@ from common.io import atomic_save
 from common.logging import column, trailing_mean
 from common.trainer import Metrics, Trainer, warmup_cosine
 from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
-from gm.loss import adaptive_gan_weight, d_hinge_loss, g_hinge_loss, kl_divergence, reconstruction_loss
+from gm.loss import GAN_MODES, VAEGANLoss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator
 
 # KL weight of the VAE that `load_or_train_vae` hands to the latent diffusion model. A latent diffusion model
 # learns the latent distribution itself, so the VAE need not match the N(0, I) prior; it must keep the images'
 # content, which the nearly-free latent of kl_weight 1e-6 does best (notebook 2_1's table: the highest PSNR).
 LDM_KL_WEIGHT = 1e-6
-GAN_MODES = ("fixed", "adaptive")
 
 
 @dataclass
@@ -212,40 +211,23 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
 
     last_layer = vae.decoder.net[-1].weight  # where taming measures the two gradients
     vae_net, disc_net = trainer.models["vae"], trainer.models.get("disc")  # DDP wrappers under torchrun
+    # under DDP the adaptive weight averages its two gradients over the ranks (a no-op in one process)
+    loss_fn = VAEGANLoss(cfg.kl_weight, cfg.gan_weight, cfg.gan_mode, cfg.gan_loss_start, reduce_grad=dist.average_)
 
     def step_fn(step: int) -> Metrics:
         idx = dist.shard(batch_indices(len(train_images), cfg.batch_size, step, cfg.seed))  # this rank's images
         x = to_float(train_images[idx.to(device)])
-        gan_on = cfg.use_gan and step >= cfg.gan_loss_start
         with trainer.autocast():
             recon, mean, logvar = vae_net(x)
-            rec = reconstruction_loss(recon.float(), x)
-            kl = kl_divergence(mean.float(), logvar.float()).mean()
-            loss = rec + cfg.kl_weight * kl
-            metrics = {"recon_loss": rec.detach(), "kl": kl.detach()}
-            if gan_on:
-                disc.requires_grad_(False)  # the generator step must not leave gradients in D (nor reduce them)
-                g_loss = g_hinge_loss(disc(recon).float())
-                disc.requires_grad_(True)
-                if cfg.gan_mode == "fixed":
-                    d_weight = torch.ones((), device=device)
-                elif trainer.world == 1:
-                    d_weight = adaptive_gan_weight(rec, g_loss, last_layer)
-                else:
-                    d_weight = adaptive_weight_over_ranks(rec, g_loss, last_layer)
-                loss = loss + cfg.gan_weight * d_weight * g_loss
-                metrics |= {"g_loss": g_loss.detach(), "d_weight": d_weight}
+            loss, metrics = loss_fn.generator(x, recon, mean, logvar, step, disc, last_layer)  # D: not DDP-wrapped
         loss.backward()
-        metrics["loss"] = loss.detach()
         metrics["grad_norm"] = trainer.optimizer_step("vae")
-        if gan_on:
+        if loss_fn.gan_on(step):
             with trainer.autocast():
-                real_logits, fake_logits = disc_net(x).float(), disc_net(recon.detach()).float()
-                d_loss = d_hinge_loss(real_logits, fake_logits)
+                d_loss, d_log = loss_fn.discriminator(x, recon, disc_net)
             d_loss.backward()
             trainer.optimizer_step("disc")
-            metrics |= {"d_loss": d_loss.detach(), "logits_real": real_logits.mean().detach(),
-                        "logits_fake": fake_logits.mean().detach()}
+            metrics |= d_log
         return metrics
 
     def eval_fn(step: int) -> Metrics:
@@ -267,15 +249,6 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     if disc is not None:
         disc.eval()
     return VAERun(cfg, final, disc, trainer.train_log.rows, trainer.eval_log.rows, run_dir)
-
-
-def adaptive_weight_over_ranks(rec_loss: torch.Tensor, g_loss: torch.Tensor,
-                               last_layer: torch.Tensor) -> torch.Tensor:
-    """`gm.loss.adaptive_gan_weight` of the global batch under DDP: each rank's last-layer gradients of its shard's
-    mean losses, averaged over the ranks (the gradients of the global batch's means), then the same clamped ratio."""
-    rec_grad, g_grad = (dist.average_(torch.autograd.grad(loss, last_layer, retain_graph=True)[0])
-                        for loss in (rec_loss, g_loss))
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
 def main(argv: list[str] | None = None) -> None:

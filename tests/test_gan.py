@@ -1,9 +1,11 @@
 """VAE + PatchGAN: hinge losses by hand, discriminator shapes, and the two-optimizer training step."""
 
+import math
+
 import pytest
 import torch
 
-from gm.loss import adaptive_gan_weight, d_hinge_loss, g_hinge_loss, reconstruction_loss
+from gm.loss import VAEGANLoss, adaptive_gan_weight, d_hinge_loss, g_hinge_loss, reconstruction_loss
 from gm.model import Discriminator
 from gm.train import base_config, gan_config, load_vae, train_vae, vae_config
 
@@ -92,6 +94,75 @@ def test_adaptive_weight_by_hand_on_a_tiny_decoder():
     assert adaptive_gan_weight((v * 3).pow(2).sum(), 1e-12 * v.sum(), v).item() == 1e4
     with pytest.raises(ValueError, match="require grad"):
         adaptive_gan_weight(rec, g, torch.tensor([1.0]))
+
+
+def times_three() -> torch.nn.Conv2d:
+    """A 1x1-conv discriminator D(x) = 3 x."""
+    disc = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        disc.weight.fill_(3.0)
+        disc.bias.zero_()
+    return disc
+
+
+def test_vae_gan_loss_by_hand():
+    """Two images of two pixels, x = [[1, 1], [0, 0]], recon = [[1.5, 1], [0, -1]]; one latent each, mean = (1, 0),
+    logvar = (0, ln 2); D(x) = 3 x.
+
+    rec = mean(0.25, 1) = 0.625; KL = mean(0.5 (1 + 1 - 0 - 1), 0.5 (0 + 2 - ln 2 - 1)) = (0.5 + 0.5 (1 - ln 2)) / 2;
+    G = -3 mean(1.5, 1, 0, -1) = -1.125; D-hinge = mean(relu(1 - (3, 3, 0, 0))) + mean(relu(1 + (4.5, 3, 0, -3)))
+    = 0.5 + 2.625.
+    """
+    x = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(2, 1, 1, 2)
+    recon = torch.tensor([[1.5, 1.0], [0.0, -1.0]]).view(2, 1, 1, 2)
+    mean, logvar = torch.tensor([1.0, 0.0]).view(2, 1, 1, 1), torch.tensor([0.0, math.log(2)]).view(2, 1, 1, 1)
+    kl = (0.5 + 0.5 * (1 - math.log(2))) / 2
+    disc, loss_fn = times_three(), VAEGANLoss(kl_weight=0.1, gan_weight=0.5, gan_start=3)
+
+    loss, log = loss_fn.generator(x, recon, mean, logvar, step=2, disc=disc)  # before gan_start: the VAE alone
+    assert loss.item() == pytest.approx(0.625 + 0.1 * kl) and list(log) == ["recon_loss", "kl", "loss"]
+    assert log["kl"].item() == pytest.approx(kl) and not loss_fn.gan_on(2)
+
+    recon.requires_grad_(True)
+    loss, log = loss_fn.generator(x, recon, mean, logvar, step=3, disc=disc)
+    assert list(log) == ["recon_loss", "kl", "g_loss", "d_weight", "loss"]  # the CSV's column order
+    assert log["g_loss"].item() == pytest.approx(-1.125) and log["d_weight"].item() == 1.0
+    assert loss.item() == pytest.approx(0.625 + 0.1 * kl + 0.5 * -1.125) and log["loss"].item() == loss.item()
+    loss.backward()
+    assert disc.weight.grad is None and disc.weight.requires_grad  # the generator step leaves D untouched
+
+    d_loss, d_log = loss_fn.discriminator(x, recon, disc)
+    assert d_loss.item() == pytest.approx(0.5 + 2.625)
+    assert d_log["logits_real"].item() == pytest.approx(1.5) and d_log["logits_fake"].item() == pytest.approx(1.125)
+    d_loss.backward()
+    assert disc.weight.grad is not None and recon.grad.abs().sum() > 0  # recon.grad: from the generator's backward
+    with pytest.raises(ValueError, match="pass disc"):
+        loss_fn.generator(x, recon, mean, logvar, step=3)
+    with pytest.raises(ValueError, match="gan_mode"):
+        VAEGANLoss(kl_weight=0.1, gan_mode="adaptiv")
+
+
+def test_vae_gan_loss_adaptive_weight_and_its_gradient_hook():
+    """recon = w z with the scalar last layer w = 1, z = [[1, 2], [0, 1]], x = [[1, 1], [0, 0]], D(x) = 3 x:
+    d rec / d w = mean_b sum 2 (w z - x) z = mean(4, 2) = 3, d G / d w = -3 mean(z) = -3, so d = 3 / (3 + 1e-4).
+    `reduce_grad` (under DDP the average over the ranks) maps both gradients before the norms: a stand-in that
+    doubles them gives 6 / (6 + 1e-4), and it sees each gradient once."""
+    w = torch.tensor([1.0], requires_grad=True)
+    z = torch.tensor([[1.0, 2.0], [0.0, 1.0]]).view(2, 1, 1, 2)
+    x = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(2, 1, 1, 2)
+    mean = logvar = torch.zeros(2, 1, 1, 1)
+    calls = []
+
+    def double(grad: torch.Tensor) -> torch.Tensor:
+        calls.append(grad.clone())
+        return grad * 2
+
+    for hook, expected in ((None, 3 / (3 + 1e-4)), (double, 6 / (6 + 1e-4))):
+        loss_fn = VAEGANLoss(kl_weight=0.0, gan_weight=0.5, gan_mode="adaptive", reduce_grad=hook)
+        loss, log = loss_fn.generator(x, w * z, mean, logvar, step=0, disc=times_three(), last_layer=w)
+        assert log["d_weight"].item() == pytest.approx(expected, rel=1e-6)
+        assert loss.item() == pytest.approx(log["recon_loss"].item() + 0.5 * log["d_weight"].item() * -3.0)
+    assert [c.item() for c in calls] == pytest.approx([3.0, -3.0])
 
 
 def test_adaptive_mode_trains_and_logs_its_weight():
