@@ -1,7 +1,11 @@
-"""Config dataclasses with per-profile presets and strict overrides.
+"""Config dataclasses with per-profile presets and strict overrides, and the digest that names their runs.
 
 Each task defines a dataclass and a dict `{profile: {field: value}}` of presets; `make_config` merges the
 preset of the chosen profile with user overrides and rejects keys the dataclass does not have.
+
+A run's folder is named by `config_digest`, a hash of the fields that change the trained weights. A field that does
+not (where the run executes, how often it logs or evaluates, how a finished model is sampled) is declared with
+`bookkeeping(default)`: the mark lives in the field's metadata, once, and every digest reads it.
 """
 
 from __future__ import annotations
@@ -40,11 +44,31 @@ def json_digest(obj: Any, length: int) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def config_digest(cfg: Any, exclude: set[str] | frozenset[str] = frozenset(), length: int = 8) -> str:
-    """Short stable hash of a config dataclass's fields minus `exclude` (bookkeeping such as progress/device).
+def bookkeeping(default: Any) -> Any:
+    """A config field that does not change the trained weights: `config_digest`, and so the run's folder name,
+    leaves it out (use as `device: str | None = bookkeeping(None)`)."""
+    return dataclasses.field(default=default, metadata={"bookkeeping": True})
+
+
+def added_field(default: Any) -> Any:
+    """A training field added after runs were saved: `config_digest` leaves it out while it holds `default`, so that
+    the runs from before the field existed keep their folders; any other value is hashed like every field."""
+    return dataclasses.field(default=default, metadata={"digest_omits": default})
+
+
+def digest_fields(cfg: Any) -> dict[str, Any]:
+    """The fields of config dataclass `cfg` that its digest hashes: all but the `bookkeeping` ones (and an
+    `added_field` at its default)."""
+    values = dataclasses.asdict(cfg)
+    omitted = object()  # never equal to a value
+    return {f.name: values[f.name] for f in dataclasses.fields(cfg)
+            if not f.metadata.get("bookkeeping") and values[f.name] != f.metadata.get("digest_omits", omitted)}
+
+
+def config_digest(cfg: Any, length: int = 8) -> str:
+    """Short stable hash of a config dataclass's `digest_fields`.
 
     Run folders are named with it, so changing any training-relevant setting starts a new run instead of
     silently reusing a stale one.
     """
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in exclude}
-    return json_digest(fields, length)
+    return json_digest(digest_fields(cfg), length)

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from common import cache_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.config import check, config_digest, json_digest
+from common.config import bookkeeping, check, json_digest
 from common.io import atomic_save
 from common.params import weights_digest
 from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
@@ -54,7 +54,6 @@ from fm.pretrained import load_lm
 from fm.sft import load_or_train_sft, sft_config
 from fm.tokenizer import padding_id
 from fm.training import (
-    BOOKKEEPING,
     LMTrainConfig,
     check_block_size,
     is_saved,
@@ -310,7 +309,7 @@ class DPOConfig(LMTrainConfig):
     reply_tokens: int = 40  # max new tokens of a sampled reply
     tie_margin: float = 0.1  # pairs whose oracle rewards differ by less are dropped
     sample_batch_size: int = 64  # replies per generation batch: pairs answer half as many prompts twice each
-    eval_prompts: int = 200  # held-out test prompts of fm.dpo_analysis.evaluate_policy (not a training setting)
+    eval_prompts: int = bookkeeping(200)  # held-out test prompts of fm.dpo_analysis.evaluate_policy
     lora_rank: int = 0  # 0 = full fine-tuning of the policy; else LoRA adapters, merged before saving
     lora_alpha: float = 16.0
     data_sources: ClassVar[tuple[str, ...]] = SOURCES
@@ -335,10 +334,6 @@ class DPOConfig(LMTrainConfig):
         for name in ("train_pairs", "sampled_pairs"):
             check(getattr(self, name) == 0 or getattr(self, name) >= self.examples_per_step,
                   f"{name} ({getattr(self, name)}) must cover one batch of {self.examples_per_step}")
-
-    def digest(self) -> str:
-        """Hash of the training-relevant fields (all but BOOKKEEPING and the evaluation's prompt count)."""
-        return config_digest(self, exclude=BOOKKEEPING | {"eval_prompts"})
 
 
 PRESETS = {

@@ -2,7 +2,7 @@
 the optimizer + schedule + Trainer they both build, and saving / finding a finished run's model.
 
 A run lives in `checkpoint_dir()/<task>/<run_name>_<digest>/`, the digest being `common.config.config_digest` of
-every field except BOOKKEEPING: changing any training setting starts a new run instead of reusing a stale one. The
+every field not marked `bookkeeping`: changing any training setting starts a new run instead of reusing a stale one. The
 folder holds the trained model (`fm.pretrained.save_lm`) and, in `run/`, the Trainer's logs and checkpoint.
 """
 
@@ -16,14 +16,11 @@ from typing import ClassVar
 from torch import nn
 
 from common import checkpoint_dir, dist, get_device
-from common.config import check, config_digest
+from common.config import bookkeeping, check, config_digest
 from common.trainer import Trainer, build_optimizer, warmup_cosine
 from fm.generate import context_length
 from fm.pretrained import save_lm
 
-# Fields that do not change the trained weights: the folder's readable prefix, where it runs, when it evaluates and
-# checkpoints (evaluation runs without gradients and draws no random numbers).
-BOOKKEEPING = frozenset({"run_name", "device", "eval_interval", "ckpt_interval", "log_interval"})
 DATA_SOURCES = ("auto", "hh", "chitchat")
 SAVED_CONFIG = "train_config.json"  # written after the model: its presence marks a complete save
 
@@ -32,7 +29,9 @@ SAVED_CONFIG = "train_config.json"  # written after the model: its presence mark
 class LMTrainConfig:
     """The fields SFT and DPO share; each task adds its own (`fm.sft.SFTConfig`, `fm.dpo.DPOConfig`)."""
 
-    run_name: str = "quick"  # readable prefix of the run folder (see the module docstring)
+    # bookkeeping (left out of the digest): the folder's readable prefix, where it runs, when it evaluates, checkpoints
+    # and logs (evaluation runs without gradients and draws no random numbers)
+    run_name: str = bookkeeping("quick")  # readable prefix of the run folder (see the module docstring)
     data_source: str = "auto"  # one of data_sources
     block_size: int = 128  # tokens per sequence
     batch_size: int = 4  # micro-batch: examples (SFT) or pairs (DPO)
@@ -43,12 +42,12 @@ class LMTrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0: no clipping
-    eval_interval: int = 25  # 0: evaluate at the start and the end only
-    ckpt_interval: int = 0  # 0: checkpoint at the end only
+    eval_interval: int = bookkeeping(25)  # 0: evaluate at the start and the end only
+    ckpt_interval: int = bookkeeping(0)  # 0: checkpoint at the end only
     bf16: bool = False
     seed: int = 0
-    device: str | None = None  # None: common.get_device()
-    log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
+    device: str | None = bookkeeping(None)  # None: common.get_device()
+    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
     data_sources: ClassVar[tuple[str, ...]] = DATA_SOURCES  # what data_source may be (DPO adds its on-policy pairs)
 
     def __post_init__(self):
@@ -68,8 +67,8 @@ class LMTrainConfig:
         return self.batch_size * self.grad_accum
 
     def digest(self) -> str:
-        """Hash of the training-relevant fields (all but BOOKKEEPING)."""
-        return config_digest(self, exclude=BOOKKEEPING)
+        """Hash of the training-relevant fields (all but the bookkeeping ones)."""
+        return config_digest(self)
 
 
 def run_folder(task: str, cfg: LMTrainConfig, *tags: str) -> Path:

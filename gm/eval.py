@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.checks import Interval, wilson_interval
-from common.config import check, config_digest
+from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
 from common.trainer import Metrics, Trainer, warmup_cosine
@@ -93,10 +93,10 @@ class ClassifierConfig:
     degrade_fraction: float = 0.1  # fraction of each batch blurred / contrast-reduced (see `degrade`)
     eval_size: int = 10_000  # test images for the reported accuracy (10,000: the full test set)
     seed: int = 0
-    device: str | None = None
-    log_interval: int = 10  # train metrics are read off the device (a host sync) every log_interval steps
+    device: str | None = bookkeeping(None)
+    log_interval: int = bookkeeping(10)  # train metrics are read off the device (a host sync) every log_interval steps
     profile: str = "quick"
-    progress: bool = True
+    progress: bool = bookkeeping(True)
 
     def __post_init__(self):
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
@@ -120,8 +120,7 @@ class ClassifierConfig:
 
     def run_name(self) -> str:
         """Unique per training-relevant settings: a digest of all fields but the bookkeeping ones."""
-        skip = {"progress", "device", "log_interval"}
-        return f"{self.dataset}_{self.profile}_{config_digest(self, exclude=skip)}"
+        return f"{self.dataset}_{self.profile}_{config_digest(self)}"
 
 
 CLASSIFIER_PRESETS = {

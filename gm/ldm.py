@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from common import cache_dir, checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.config import check, config_digest
+from common.config import added_field, bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.device import timed
 from common.ema import EMA
@@ -57,7 +57,7 @@ CLASS_NAMES = {"mnist": tuple(str(i) for i in range(10)), "cifar10": CIFAR10_CLA
 @dataclass
 class LDMConfig:
     dataset: str = "mnist"
-    process: str = "ddpm"  # the generative process, a key of PROCESSES
+    process: str = added_field("ddpm")  # the generative process, a key of PROCESSES (ddpm runs keep their folders)
     # diffusion (the "ddpm" process)
     timesteps: int = 1000
     beta_start: float = 1e-4
@@ -82,23 +82,23 @@ class LDMConfig:
     # evaluation during training and sampling for the report
     eval_interval: int = 250
     eval_size: int = 512  # test latents for the validation loss
-    samples_per_class: int = 10  # generated images per class for accuracy, distance and the grids
-    ddpm_samples_per_class: int = 10  # the same for the 1000-step DDPM sampler (20x the model calls of DDIM-50)
-    reference_size: int = 1000  # real test images the samples are compared with
-    sample_batch_size: int = 1000  # images generated per sampler call (large batches: more images/s)
-    fd_resamples: int = 200  # bootstrap resamples of the Frechet distance's confidence interval
-    ddim_steps: int = 50
+    samples_per_class: int = bookkeeping(10)  # generated images per class for accuracy, distance and the grids
+    ddpm_samples_per_class: int = bookkeeping(10)  # the same for DDPM-1000 (20x the model calls of DDIM-50)
+    reference_size: int = bookkeeping(1000)  # real test images the samples are compared with
+    sample_batch_size: int = bookkeeping(1000)  # images generated per sampler call (large batches: more images/s)
+    fd_resamples: int = bookkeeping(200)  # bootstrap resamples of the Frechet distance's confidence interval
+    ddim_steps: int = bookkeeping(50)
     # DDIM noise of the report's samples: 1 (stochastic), since 2.4's step sweep finds it better than the deterministic
     # eta = 0 at every step count with guidance
-    ddim_eta: float = 1.0
-    guidance_scale: float = 1.0  # classifier-free guidance w of the report's samples (1 = the conditional model)
+    ddim_eta: float = bookkeeping(1.0)
+    guidance_scale: float = bookkeeping(1.0)  # classifier-free guidance w of the report's samples (1: conditional)
     seed: int = 0
     bf16: bool = False
-    device: str | None = None
-    log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
+    device: str | None = bookkeeping(None)
+    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
     vae_profile: str | None = None  # profile of the VAE to encode with (default: this profile)
     profile: str = "quick"
-    progress: bool = True
+    progress: bool = bookkeeping(True)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)
@@ -118,12 +118,8 @@ class LDMConfig:
         check(self.ddim_eta >= 0, f"ddim_eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {self.ddim_eta}")
 
     def run_name(self, vae_digest: str) -> str:
-        """Unique per training-relevant settings and VAE weights (sampling/bookkeeping fields excluded)."""
-        skip = {"progress", "device", "log_interval", "samples_per_class", "ddpm_samples_per_class",
-                "reference_size", "sample_batch_size", "fd_resamples", "ddim_steps", "ddim_eta", "guidance_scale"}
-        if self.process == "ddpm":  # runs from before the field existed keep their folder
-            skip.add("process")
-        return f"{self.dataset}_{self.profile}_{config_digest(self, exclude=skip)}_vae{vae_digest[:8]}"
+        """Unique per training-relevant settings and VAE weights (`config_digest`: sampling fields are bookkeeping)."""
+        return f"{self.dataset}_{self.profile}_{config_digest(self)}_vae{vae_digest[:8]}"
 
 
 PRESETS = {

@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
 from common.checks import mean_ci
-from common.config import check, config_digest
+from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
@@ -72,10 +72,10 @@ class VAEConfig:
     eval_size: int = 1000  # test images for the periodic evaluation during training
     seed: int = 0
     bf16: bool = False
-    device: str | None = None
-    log_interval: int = 1  # train metrics are read off the device (a host sync) every log_interval steps
-    profile: str = field(default="quick")
-    progress: bool = True
+    device: str | None = bookkeeping(None)
+    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
+    profile: str = "quick"
+    progress: bool = bookkeeping(True)
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
@@ -100,8 +100,8 @@ class VAEConfig:
         return self.steps or math.ceil(self.epochs * (num_train // self.batch_size))
 
     def run_name(self) -> str:
-        """Readable and unique: the main knobs plus a hash of the whole config (bookkeeping fields excluded)."""
-        digest = config_digest(self, exclude={"progress", "device", "log_interval"})
+        """Readable and unique: the main knobs plus a hash of the config's training fields (`config_digest`)."""
+        digest = config_digest(self)
         return f"{self.dataset}_kl{self.kl_weight:g}_gan{self.gan_weight:g}_{self.profile}_{digest}"
 
 

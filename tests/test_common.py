@@ -237,3 +237,24 @@ def test_data_dir_is_resolved_from_the_package_not_the_working_directory(monkeyp
     assert paths.data_dir() == tree / "data"
     (tmp_path / "course" / "shared" / "data").mkdir(parents=True)
     assert paths.data_dir() == tmp_path / "course" / "shared" / "data"
+
+
+def test_config_digest_reads_the_bookkeeping_mark():
+    """A bookkeeping field leaves the digest alone; any other field changes it; an added field counts only away
+    from its default."""
+    from dataclasses import dataclass, replace
+
+    from common.config import added_field, bookkeeping, config_digest, digest_fields
+
+    @dataclass
+    class Cfg:
+        lr: float = 1e-3
+        device: str | None = bookkeeping(None)
+        mode: str = added_field("a")
+
+    base = Cfg()
+    assert digest_fields(base) == {"lr": 1e-3}
+    assert config_digest(replace(base, device="cuda")) == config_digest(base)
+    assert config_digest(replace(base, lr=2e-3)) != config_digest(base)
+    assert digest_fields(replace(base, mode="b")) == {"lr": 1e-3, "mode": "b"}
+    assert len(config_digest(base)) == 8 and len(config_digest(base, length=12)) == 12
