@@ -420,9 +420,22 @@ def make_eval_fn(
     return eval_fn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on the trainable parameters; matrices decay, biases and norms do not."""
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float | None = None, kind: str = "adamw",
+                    **options) -> torch.optim.Optimizer:
+    """The optimizer `OPTIMIZERS[kind]` of `model`'s trainable parameters, the one recipe of every run.
+
+    `weight_decay` None: one parameter group, no decay. A number: two groups as nanoGPT's, matrices (conv and linear
+    weights, embeddings) decay by it and vectors (biases, norms) do not. `options` go to the optimizer (e.g. betas,
+    momentum, nesterov). The group layout is part of a checkpoint's optimizer state, so a run keeps its layout.
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay is None:
+        return OPTIMIZERS[kind](params, lr=lr, weight_decay=0.0, **options)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return OPTIMIZERS[kind]([g for g in groups if g["params"]], lr=lr, **options)

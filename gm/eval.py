@@ -23,7 +23,7 @@ from common.checks import Interval, wilson_interval
 from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
-from common.trainer import Metrics, Trainer, warmup_cosine
+from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
 from gm.data import CHANNELS, DATASETS, TRAIN_SIZE, load_dataset, subset_indices
 
 T = TypeVar("T")
@@ -233,10 +233,7 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
     idx = subset_indices(len(test_images), cfg.eval_size, cfg.seed)
     test_images, test_labels = test_images[idx], test_labels[idx]
     model = Classifier(cfg.in_channels, width=cfg.width, width_mults=cfg.width_mults, flip_tta=cfg.flip).to(device)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=True)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, "sgd", momentum=0.9, nesterov=True)
     run_dir = checkpoint_dir() / "classifier" / cfg.run_name()
     # distributed=False: under torchrun, rank 0 alone trains it (`load_or_train_classifier`), so its BatchNorm
     # statistics are those of one process's batches, as in a one-process run

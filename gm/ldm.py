@@ -33,7 +33,7 @@ from common.io import atomic_save
 from common.logging import trailing_mean
 from common.params import weights_digest  # the VAE's identity in latent caches and LDM run names
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
-from common.trainer import Metrics, Trainer, warmup_cosine
+from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from gm.eval import (
@@ -274,7 +274,7 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
     process = model.process
 
     ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    optimizer = build_optimizer(model.unet, cfg.lr)  # AdamW, no weight decay
     run_dir = checkpoint_dir() / "ldm" / cfg.run_name(digest)
     trainer = Trainer(run_dir, {"ldm": model}, {"ldm": optimizer}, steps=cfg.steps,
                       schedulers={"ldm": warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps)},

@@ -30,7 +30,7 @@ from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
 from common.logging import column, trailing_mean
-from common.trainer import Metrics, Trainer, warmup_cosine
+from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
 from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
 from gm.loss import GAN_MODES, VAEGANLoss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator
@@ -195,12 +195,12 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
         base_vae = load_vae(base_path) if base_path.is_file() else train_vae(base, resume=True).vae
         vae.load_state_dict(base_vae.state_dict())
     modules: dict[str, torch.nn.Module] = {"vae": vae}
-    optimizers = {"vae": torch.optim.Adam(vae.parameters(), lr=cfg.lr)}
+    optimizers = {"vae": build_optimizer(vae, cfg.lr, kind="adam")}
     disc = None
     if cfg.use_gan:
         disc = Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(device)
         modules["disc"] = disc
-        optimizers["disc"] = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))  # usual GAN betas
+        optimizers["disc"] = build_optimizer(disc, cfg.disc_lr, kind="adam", betas=(0.5, 0.9))  # usual GAN betas
     schedulers = {k: warmup_cosine(opt, cfg.warmup_steps, steps) for k, opt in optimizers.items()}
     ema = {"vae": EMA(vae, cfg.ema_decay)} if cfg.ema_decay > 0 else {}
     run_dir = checkpoint_dir() / "vae" / cfg.run_name()

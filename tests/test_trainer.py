@@ -142,3 +142,21 @@ def test_a_rank_other_than_0_writes_nothing_and_keeps_the_rows(tmp_path, monkeyp
     assert not (tmp_path / "rank1").exists()  # no folder, CSV, TensorBoard log or checkpoint
     assert [r["step"] for r in run.trainer.train_log.rows] == [2, 4]
     assert run.trainer.eval_log.column("val_loss")[0] == [0, 4]
+
+
+def test_build_optimizer_is_every_run_s_recipe():
+    """One group without decay (VAE, discriminator, LDM), or matrices-decay / vectors-not groups (LMs, classifier)."""
+    from common.trainer import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    model[1].bias.requires_grad_(False)  # frozen parameters stay out
+    single = build_optimizer(model, 1e-3, kind="adam", betas=(0.5, 0.9))
+    assert type(single) is torch.optim.Adam and len(single.param_groups) == 1
+    assert single.param_groups[0]["weight_decay"] == 0.0 and single.param_groups[0]["betas"] == (0.5, 0.9)
+    assert len(single.param_groups[0]["params"]) == 3
+    split = build_optimizer(model, 0.1, 5e-4, "sgd", momentum=0.9, nesterov=True)
+    assert [len(g["params"]) for g in split.param_groups] == [1, 2]
+    assert [g["weight_decay"] for g in split.param_groups] == [5e-4, 0.0] and split.param_groups[0]["nesterov"]
+    assert type(build_optimizer(model, 1e-3)) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(model, 1e-3, kind="lion")
