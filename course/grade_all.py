@@ -93,7 +93,7 @@ def find_submissions(folder: Path) -> list[Submission]:
         if sid in found:
             raise ValueError(f"{found[sid].path.name} and {path.name} both have the id {sid!r}; rename one")
         found[sid] = Submission(sid, path)
-    return list(found.values())
+    return sorted(found.values(), key=lambda s: s.id)
 
 
 def submission_id(path: Path) -> str:

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TREES = (*PACKAGES, "notebooks", "tests", "grading", "course")
 TOP_FILES = ("Makefile", "requirements.txt", "requirements-offline.txt", "pyproject.toml", ".gitignore")
 PRIVATE = ("grading/hidden", "tests/test_course.py", "tests/test_report.py", "tests/test_theory.py",
-           "tests/test_grade_attacks.py", "tests/test_browser.py", "notebooks/0_theory.ipynb", str(SHIPPED),
+           "tests/test_grade_attacks.py", "tests/test_browser.py", "tests/test_submit.py", "tests/test_grade_all.py",
+           "notebooks/0_theory.ipynb", str(SHIPPED),
            *PRIVATE_SOURCES, *(p for t in TASKS for p in t.package_tests))
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".ruff_cache"}
 STUDENT_README = "course/README_STUDENT.md"
