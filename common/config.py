@@ -1,7 +1,8 @@
 """Config dataclasses with per-profile presets and strict overrides, and the digest that names their runs.
 
-Each task defines a dataclass and a dict `{profile: {field: value}}` of presets; `make_config` merges the
-preset of the chosen profile with user overrides and rejects keys the dataclass does not have.
+Each task defines a dataclass and one preset table `{profile: {field: value, "by_dataset": {dataset: {field:
+value}}}}`; `make_config` merges the chosen profile's preset, then its entry for the config's data set (if any), then
+user overrides, and rejects keys the dataclass does not have.
 
 A run's folder is named by `config_digest`, a hash of the fields that change the trained weights. A field that does
 not (where the run executes, how often it logs or evaluates, how a finished model is sampled) is declared with
@@ -21,15 +22,21 @@ C = TypeVar("C")
 
 
 def make_config(cls: type[C], presets: dict[str, dict[str, Any]], profile: str | None = None, **overrides: Any) -> C:
-    """Build `cls` from the preset of `profile` (default: $HW3_PROFILE or quick) updated with `overrides`."""
+    """Build `cls` from the preset of `profile` (default: $HW3_PROFILE or quick), updated with the preset's
+    "by_dataset" entry for the data set (`overrides["dataset"]`, else the preset's or the field's default), then with
+    `overrides`."""
     profile = get_profile(profile)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
     if profile not in presets:
         raise ValueError(f"{cls.__name__} has no preset for profile {profile!r}; presets: {sorted(presets)}")
-    return cls(**{**presets[profile], **overrides})
+    preset = dict(presets[profile])
+    by_dataset = preset.pop("by_dataset", {})
+    dataset = overrides.get("dataset", preset.get("dataset", getattr(cls, "dataset", None)))
+    values = {**preset, **by_dataset.get(dataset, {}), **overrides}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    return cls(**values)
 
 
 def check(condition: bool, message: str) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
+from common import checkpoint_dir, dist, get_device, make_config, seed_everything
 from common.checks import Interval, wilson_interval
 from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
@@ -127,16 +127,14 @@ CLASSIFIER_PRESETS = {
     "smoke": dict(profile="smoke", steps=5, batch_size=16, width=4, eval_size=64),
     # 2-core CPU: CIFAR-10 trains at ~650-700 images/s at width 32 (5 epochs: 84.0 % test accuracy, 7 epochs: 85.9 %,
     # ~460 s); MNIST needs far less (width 16, 1 epoch: ~40 s, 99.3 %).
-    "quick": dict(profile="quick"),
+    "quick": dict(profile="quick",
+                  by_dataset={"mnist": dict(width=16, epochs=1.0), "cifar10": dict(width=32, epochs=7.0)}),
     "full": dict(profile="full", epochs=16.0, width=64, batch_size=512, lr=0.2, log_interval=20),
 }
-QUICK_BY_DATASET = {"mnist": dict(width=16, epochs=1.0), "cifar10": dict(width=32, epochs=7.0)}
 
 
 def classifier_config(dataset: str, profile: str | None = None, **overrides) -> ClassifierConfig:
-    profile = get_profile(profile)
-    per_dataset = QUICK_BY_DATASET.get(dataset, {}) if profile == "quick" else {}
-    return make_config(ClassifierConfig, CLASSIFIER_PRESETS, profile, dataset=dataset, **{**per_dataset, **overrides})
+    return make_config(ClassifierConfig, CLASSIFIER_PRESETS, profile, dataset=dataset, **overrides)
 
 
 @dataclass

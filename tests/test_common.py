@@ -258,3 +258,22 @@ def test_config_digest_reads_the_bookkeeping_mark():
     assert config_digest(replace(base, lr=2e-3)) != config_digest(base)
     assert digest_fields(replace(base, mode="b")) == {"lr": 1e-3, "mode": "b"}
     assert len(config_digest(base)) == 8 and len(config_digest(base, length=12)) == 12
+
+
+def test_make_config_merges_profile_then_data_set_then_overrides():
+    from dataclasses import dataclass
+
+    from common.config import make_config
+
+    @dataclass
+    class Cfg:
+        dataset: str = "mnist"
+        steps: int = 1
+        lr: float = 1.0
+
+    presets = {"quick": dict(lr=0.5, by_dataset={"cifar10": dict(steps=7)}), "smoke": dict(by_dataset={"x": {"s": 1}})}
+    assert make_config(Cfg, presets, "quick") == Cfg("mnist", 1, 0.5)  # the field's default data set: no entry
+    assert make_config(Cfg, presets, "quick", dataset="cifar10") == Cfg("cifar10", 7, 0.5)
+    assert make_config(Cfg, presets, "quick", dataset="cifar10", steps=3).steps == 3
+    with pytest.raises(ValueError, match="unknown config key"):
+        make_config(Cfg, presets, "smoke", dataset="x")
