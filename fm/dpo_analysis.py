@@ -26,8 +26,9 @@ from common.io import atomic_save, merge_json
 from common.params import weights_digest
 from common.plotting import new_figure, save_figure
 from fm.data import IGNORE_INDEX, collate
-from fm.dpo import PreferenceData, concatenated_logps, dpo_loss, pair_logps, reward_accuracy, sequence_logps
+from fm.dpo import dpo_loss, reward_accuracy
 from fm.generate import Completions, sample_completions
+from fm.logps import PreferenceData, concatenated_logps, pair_logps, sequence_logps
 from fm.metrics import distinct_n, win_rate
 from fm.preference import Pair, tokenize_pair
 from fm.reward import sentiment_reward

@@ -36,15 +36,9 @@ from common.plotting import make_grid, markdown_table, new_figure, plot_curves, 
 from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
-from gm.eval import (
-    Classifier,
-    FrechetReference,
-    bootstrap_frechet_interval,
-    frechet_distance,
-    predict,
-    wilson_interval,
-)
+from gm.eval import Classifier, predict, wilson_interval
 from gm.flow import RectifiedFlow
+from gm.frechet import FrechetReference, bootstrap_frechet_interval, frechet_distance
 from gm.model import VAE
 from gm.sampler import Process, SamplerSpec, sample
 from gm.train import load_or_train_vae

@@ -10,7 +10,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from fm.dpo import (
     PREFERENCE_LOSSES,
     build_dpo,
-    concatenated_logps,
     dpo_config,
     dpo_dir,
     dpo_loss,
@@ -18,7 +17,6 @@ from fm.dpo import (
     load_dpo_models,
     make_preference_loss_fn,
     reward_accuracy,
-    sequence_logps,
     train_dpo,
 )
 from fm.dpo_analysis import (
@@ -33,6 +31,7 @@ from fm.dpo_analysis import (
     gradient_weighting_check,
     rewards_by_kind,
 )
+from fm.logps import concatenated_logps, sequence_logps
 from fm.reward import sentiment_reward
 from fm.sft import sft_config
 from fm.tokenizer import get_gpt2_tokenizer

@@ -1,22 +1,12 @@
 """Evaluation: Frechet distance against closed forms, its bootstrap interval, the Wilson interval, accuracy, the
-augmentation, the cached classifier, timing."""
+augmentation, the cached classifier."""
 
 import pytest
 import torch
 
-from gm.eval import (
-    Classifier,
-    FrechetReference,
-    accuracy,
-    bootstrap_frechet_interval,
-    classifier_config,
-    frechet_distance,
-    frechet_distance_from_stats,
-    load_or_train_classifier,
-    predict,
-    random_translate,
-    wilson_interval,
-)
+from common.checks import wilson_interval
+from gm.eval import Classifier, accuracy, classifier_config, load_or_train_classifier, predict, random_translate
+from gm.frechet import FrechetReference, bootstrap_frechet_interval, frechet_distance, frechet_distance_from_stats
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
