@@ -195,8 +195,8 @@ def _run_grader(sub: Submission, tree: Path, folder: Path, tasks: list[Task], op
     limit = sum(options["timeout"] or t.timeout for t in tasks) + MARGIN_S
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     try:
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit,
-                              start_new_session=True)
+        # past the limit the grader is killed, and its sandboxed worker with it (bwrap --die-with-parent)
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
         return Row(sub.id, "timeout", 0.0, reason=f"the grader did not finish in {limit} s")
     if proc.returncode != 0 or not (folder / "grade.json").is_file():
