@@ -141,6 +141,12 @@ def test_the_release_ships_what_make_submit_needs():
     assert "RELEASE_INFO" in release
     makefile = (ROOT / "Makefile").read_text()
     assert "python -m course.submit" in makefile.replace("$(PY)", "python") and "submit:" in makefile
+    readme = (ROOT / "course" / "README_STUDENT.md").read_text()
+    handing_in = readme.split("## Handing in", 1)[1].split("\n## ", 1)[0]
+    for what in ("make submit ID=", "submission-<your id>.zip", "hidden checks", "graded by hand", "table above",
+                 "marked incomplete"):
+        assert what in handing_in, what
+    assert "make lab" in readme and '"hw3"' in readme
 
 
 def test_safe_unzip_takes_a_submit_zip_with_its_tree_at_the_top_or_in_one_folder(tmp_path):
