@@ -40,7 +40,7 @@ from fm.sft import sft_config, train_sft
 from fm.tokenizer import get_gpt2_tokenizer
 from gm.eval import classifier_config, load_or_train_classifier
 from gm.ldm import ldm_config, train_ldm
-from gm.train import LDM_KL_WEIGHT, VAEConfig, base_config, build_vae, gan_config, train_vae, vae_config
+from gm.vae import LDM_KL_WEIGHT, VAEConfig, base_config, build_vae, gan_config, train_vae, vae_config
 
 # (run, data set) in the order of the notebooks; the data set is None for the language-model runs.
 RUNS: tuple[tuple[str, str | None], ...] = (

@@ -48,7 +48,7 @@ from fm.sft import sft_config
 from gm.data import TRAIN_SIZE
 from gm.eval import classifier_config
 from gm.ldm import ldm_config
-from gm.train import gan_config, vae_config
+from gm.vae import gan_config, vae_config
 
 # How many runs of each kind every full notebook trains (the loops of the notebooks).
 NOTEBOOK_RUNS: dict[str, list[tuple[str, str | None, int]]] = {

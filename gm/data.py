@@ -290,3 +290,10 @@ def subset_indices(n: int, size: int | None, seed: int = 0) -> torch.Tensor:
     if size is not None and not 0 < size <= n:
         raise ValueError(f"cannot take {size} of {n} examples")
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+def eval_images(dataset: str, num_images: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`num_images` random 32x32 test images (`subset_indices`, seed 0; all if None: a class-balanced subset even
+    when the source stores the images class by class), as float in [0, 1] on `device`."""
+    images = load_dataset_uint8(dataset, "test")[0]
+    return to_float(images[subset_indices(len(images), num_images)].to(device))

@@ -41,8 +41,8 @@ from gm.flow import RectifiedFlow
 from gm.frechet import FrechetReference, bootstrap_frechet_interval, frechet_distance
 from gm.model import VAE
 from gm.sampler import Process, SamplerSpec, sample
-from gm.train import load_or_train_vae
 from gm.unet import UNet
+from gm.vae import load_or_train_vae
 
 NUM_CLASSES = 10
 CLASS_NAMES = {"mnist": tuple(str(i) for i in range(10)), "cifar10": CIFAR10_CLASSES}

@@ -42,7 +42,7 @@ def dpo_cfg():
 
 
 def vae_gan_cfg():
-    from gm.train import vae_config
+    from gm.vae import vae_config
 
     return vae_config("mnist", "smoke", gan_weight=0.1, gan_mode="adaptive", gan_loss_start=0, steps=STEPS,
                       batch_size=4, warmup_steps=0, eval_size=4)
@@ -102,7 +102,7 @@ def one_step(run: str) -> dict[str, dict[str, torch.Tensor]]:
         order = [names[id(p)] for g in setup.trainer.optimizers["policy"].param_groups for p in g["params"]]
         modules, orders, ckpt = {"policy": model}, {"policy": order}, setup.trainer.checkpoint_path
     elif run == "vae_gan":
-        from gm.train import train_vae
+        from gm.vae import train_vae
 
         with deterministic_draws():
             result = train_vae(vae_gan_cfg())
@@ -110,7 +110,7 @@ def one_step(run: str) -> dict[str, dict[str, torch.Tensor]]:
         orders = {k: [n for n, _ in m.named_parameters()] for k, m in modules.items()}
     else:
         from gm.ldm import train_ldm
-        from gm.train import LDM_KL_WEIGHT, build_vae, vae_config
+        from gm.vae import LDM_KL_WEIGHT, build_vae, vae_config
 
         torch.manual_seed(0)
         vae = build_vae(vae_config("mnist", "smoke", kl_weight=LDM_KL_WEIGHT)).eval().requires_grad_(False)

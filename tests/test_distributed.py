@@ -146,24 +146,24 @@ def test_make_step_fn_and_dpo_sampling_reject_uneven_shares(monkeypatch, tmp_pat
 
 
 def test_launch_passes_the_config_to_the_module_entry_point(monkeypatch):
-    from gm.train import gan_config, vae_config
+    from gm.vae import gan_config, vae_config
 
     calls = []
     monkeypatch.setattr(dist, "launch", lambda module, args: calls.append((module, args)))
     cfg = gan_config(1e-3, 0.1, "full", "cifar10", gan_mode="adaptive")
-    dist.launch_run("gm.train", cfg, vae_config("cifar10", "full"), "full", resume=True, dataset="cifar10")
+    dist.launch_run("gm.vae", cfg, vae_config("cifar10", "full"), "full", resume=True, dataset="cifar10")
     module, args = calls[0]
-    assert module == "gm.train" and args[:5] == ["train", "--profile", "full", "--dataset", "cifar10"]
+    assert module == "gm.vae" and args[:5] == ["train", "--profile", "full", "--dataset", "cifar10"]
     assert args[-1] == "--resume"
     parsed = dist.train_args(args[:-1], "test", dataset=True)
     assert vae_config(parsed.dataset, parsed.profile, **parsed.overrides) == cfg  # the workers build the same run
 
 
 def test_hw3_nproc_trains_under_torchrun_and_loads_what_rank_0_saved(data, tmp_path, monkeypatch):
-    """What a notebook cell does with NPROC=2: `train_vae` launches `python -m gm.train train` in 2 processes, then
+    """What a notebook cell does with NPROC=2: `train_vae` launches `python -m gm.vae train` in 2 processes, then
     loads the finished run (its checkpoint is at the last step, so this process trains nothing)."""
     from common.logging import read_csv
-    from gm.train import train_vae, vae_config
+    from gm.vae import train_vae, vae_config
 
     for variable, value in (("HW3_NPROC", "2"), ("HW3_DATA_DIR", str(data)), ("OMP_NUM_THREADS", "1"),
                             ("HW3_CACHE_DIR", str(tmp_path / "cache")), *LOOPBACK.items()):

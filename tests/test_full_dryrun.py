@@ -18,7 +18,7 @@ from fm.dpo import dpo_config
 from fm.sft import sft_config
 from gm.eval import classifier_config
 from gm.ldm import ldm_config
-from gm.train import gan_config, vae_config
+from gm.vae import gan_config, vae_config
 
 pytestmark = pytest.mark.full_dryrun
 

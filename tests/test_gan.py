@@ -7,7 +7,7 @@ import torch
 
 from gm.loss import VAEGANLoss, adaptive_gan_weight, d_hinge_loss, g_hinge_loss, reconstruction_loss
 from gm.model import Discriminator
-from gm.train import base_config, gan_config, load_vae, train_vae, vae_config
+from gm.vae import base_config, gan_config, load_vae, train_vae, vae_config
 
 
 def test_hinge_losses_by_hand():

@@ -25,7 +25,7 @@ def current_names() -> dict[str, str]:
     from gm.enhance import VARIANTS
     from gm.eval import classifier_config
     from gm.ldm import ldm_config
-    from gm.train import base_config, gan_config, vae_config
+    from gm.vae import base_config, gan_config, vae_config
 
     names = {}
     for profile in PROFILES:

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from gm import train as gm_train
+from gm import vae as gm_vae
 from gm.loss import kl_divergence, reconstruction_loss
 from gm.model import VAE
-from gm.train import evaluate, figure_panels, load_or_train_vae, load_vae, sharpness, train_vae, vae_config
+from gm.vae import load_or_train_vae, load_vae, train_vae, vae_config
+from gm.vae_eval import evaluate, figure_panels, sharpness
 
 
 def test_kl_matches_monte_carlo():
@@ -126,7 +127,7 @@ def test_load_or_train_vae_trains_once_then_loads(monkeypatch):
     mean, logvar = vae.encode(torch.rand(2, 1, 32, 32))
     assert mean.shape == logvar.shape == (2, 3, 8, 8)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
-    monkeypatch.setattr(gm_train, "train_vae", lambda *a, **k: pytest.fail("retrained instead of loading"))
+    monkeypatch.setattr(gm_vae, "train_vae", lambda *a, **k: pytest.fail("retrained instead of loading"))
     again = load_or_train_vae("mnist", "smoke")
     assert torch.equal(again.decode(mean), vae.decode(mean))
 

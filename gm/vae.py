@@ -1,5 +1,5 @@
-"""One trainer for the VAE (task 2.1) and the VAE + PatchGAN (task 2.2), plus evaluation and the VAE loader
-that the latent diffusion model uses.
+"""One trainer for the VAE (task 2.1) and the VAE + PatchGAN (task 2.2), and the VAE loader that the latent
+diffusion model uses; `gm.vae_eval` measures the trained models.
 
 Loss of the VAE step (`gm.loss.VAEGANLoss`), per image and averaged over the batch (the ELBO's convention):
 ||recon - x||^2 + kl_weight * KL(q(z|x) || N(0, I)) [+ gan_weight * d * G-hinge(D(recon)) from step
@@ -8,7 +8,7 @@ step per iteration trains the discriminator with the hinge loss on real images v
 steps run inside `common.trainer.Trainer`. `gan_config` gives the 2.2 runs: warm-started from the 2.1 VAE of the
 same kl_weight, adversarial from their first step (taming's `disc_start` at the end of autoencoder training).
 
-Several GPUs: `torchrun --nproc_per_node=8 -m gm.train train --profile full --dataset cifar10 [--set kl_weight=1e-3]`
+Several GPUs: `torchrun --nproc_per_node=8 -m gm.vae train --profile full --dataset cifar10 [--set kl_weight=1e-3]`
 (or HW3_NPROC=8, which makes `train_vae` launch that itself). Each rank takes batch_size / N images of the step's
 batch; the VAE and the discriminator are each wrapped in DDP; the evaluation is shared out and summed over the ranks.
 """
@@ -24,14 +24,12 @@ from pathlib import Path
 import torch
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.checks import mean_ci
 from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
-from common.logging import column, trailing_mean
 from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
-from gm.data import CHANNELS, DATASETS, load_dataset_uint8, subset_indices, to_float
+from gm.data import CHANNELS, DATASETS, eval_images, load_dataset_uint8, to_float
 from gm.loss import GAN_MODES, VAEGANLoss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator
 
@@ -172,17 +170,17 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     With `resume`, a run continues from its checkpoint (and returns at once if it had finished). Writes the
     trainer's CSVs and checkpoint, and `model.pt` (config + VAE weights) for `load_vae`.
 
-    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m gm.train train`),
+    With HW3_NPROC=N > 1 (and not already under torchrun), the run trains in N processes (`python -m gm.vae train`),
     then this call loads the finished run that rank 0 saved.
     """
     if dist.launch_requested():
-        dist.launch_run("gm.train", cfg, vae_config(cfg.dataset, cfg.profile), cfg.profile, resume, cfg.dataset)
+        dist.launch_run("gm.vae", cfg, vae_config(cfg.dataset, cfg.profile), cfg.profile, resume, cfg.dataset)
         resume = True  # below: the finished checkpoint loads, no step runs
     seed_everything(cfg.seed)
     dist.shard_size(cfg.batch_size, "VAEConfig.batch_size")  # a clear error before any work
     device = get_device(cfg.device)
     train_images = load_dataset_uint8(cfg.dataset, "train")[0].to(device)  # uint8: 4x less memory than float
-    eval_images = _test_images(cfg.dataset, cfg.eval_size, device)
+    test_x = eval_images(cfg.dataset, cfg.eval_size, device)
     steps = cfg.num_steps(len(train_images))
 
     vae = build_vae(cfg).to(device)
@@ -230,9 +228,9 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     def eval_fn(step: int) -> Metrics:
         """Means over the evaluation images; several ranks each take a part and sum the weighted means."""
         model = ema["vae"].shadow if ema else vae
-        part, metrics = dist.split_range(len(eval_images)), {}
+        part, metrics = dist.split_range(len(test_x)), {}
         if len(part):  # (more ranks than images: some have none)
-            images, weight = eval_images[part.start : part.stop], len(part) / len(eval_images)
+            images, weight = test_x[part.start : part.stop], len(part) / len(test_x)
             recon, mean, logvar = model(images)
             metrics = {"test_recon_error": reconstruction_loss(recon, images).item() * weight,
                        "test_kl": kl_divergence(mean, logvar).mean().item() * weight}
@@ -249,9 +247,9 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gm.train train --profile full --dataset cifar10 [--set key=json ...] [--resume]`: one VAE (or
+    """`python -m gm.vae train --profile full --dataset cifar10 [--set key=json ...] [--resume]`: one VAE (or
     VAE+GAN) run, in one process or under torchrun."""
-    args = dist.train_args(argv, "Train a VAE or VAE+GAN of gm.train (a run of notebooks 2_1 / 2_2)", dataset=True)
+    args = dist.train_args(argv, "Train a VAE or VAE+GAN of gm.vae (a run of notebooks 2_1 / 2_2)", dataset=True)
     with dist.distributed():
         train_vae(vae_config(args.dataset, args.profile, **args.overrides), resume=args.resume)
 
@@ -277,91 +275,6 @@ def load_or_train_vae(dataset: str, profile: str | None = None) -> VAE:
     path = checkpoint_dir() / "vae" / cfg.run_name() / "model.pt"
     vae = load_vae(path) if path.is_file() else train_vae(cfg).vae
     return vae.requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
-def _test_images(dataset: str, num_images: int | None, device: torch.device) -> torch.Tensor:
-    """`num_images` random 32x32 test images (`subset_indices`, seed 0; all if None: a class-balanced subset even
-    when the source stores the images class by class), as float in [0, 1] on `device`."""
-    images = load_dataset_uint8(dataset, "test")[0]
-    return to_float(images[subset_indices(len(images), num_images)].to(device))
-
-
-def sharpness(images: torch.Tensor) -> torch.Tensor:
-    """Mean gradient magnitude sqrt(dx^2 + dy^2) of (N, C, H, W) images, from finite differences: (N,)."""
-    dx = images[..., :-1, 1:] - images[..., :-1, :-1]
-    dy = images[..., 1:, :-1] - images[..., :-1, :-1]
-    return (dx.pow(2) + dy.pow(2)).sqrt().flatten(1).mean(dim=1)
-
-
-@torch.no_grad()
-def evaluate(vae: VAE, dataset: str, num_images: int | None = None, batch_size: int = 500,
-             seed: int = 0) -> dict[str, float]:
-    """Test-set metrics of a VAE on n = `num_images` test images (all if None; see `_test_images`), 32x32 as trained.
-
-    Per image, then averaged over the n images (each `*_ci95` is the half-width of a normal 95 % interval):
-    - `recon_error`: squared error summed over pixels and channels, decoded from the posterior mean (the training
-      loss's convention, `reconstruction_loss`; what the figures show);
-    - `psnr_db`: 10 log10(1 / per-pixel MSE) of that reconstruction (pixels in [0, 1]);
-    - `kl_nats`: KL(q(z|x) || N(0, I));
-    - `neg_elbo_nats`: -ELBO = E_q[-log p(x|z)] + KL under the Gaussian decoder p(x|z) = N(decode(z), 1/2 I) that
-      kl_weight = 1 trains, i.e. sum of squared errors + (D / 2) log(pi), with one posterior sample z; a density
-      of continuous pixel values in [0, 1] (D = C * 32 * 32 values), so it is not comparable to discrete-data
-      likelihoods; `neg_elbo_bpd` = neg_elbo_nats / (D ln 2);
-    - `sharpness`: mean gradient magnitude of the reconstructions (`sharpness`); `sharpness_ratio`: that over the
-      inputs' (1 = as sharp as the data).
-    """
-    device = next(vae.parameters()).device
-    images = _test_images(dataset, num_images, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = vae.training
-    vae.eval()
-    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("recon_error", "psnr_db", "kl_nats", "neg_elbo_nats")}
-    sharp_recon = sharp_input = 0.0
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        mean, logvar = vae.encode(x)
-        recon = vae.decode(mean)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator, device=device)
-        sq_err = (recon - x).pow(2).flatten(1)
-        kl = kl_divergence(mean, logvar)
-        per_image["recon_error"].append(sq_err.sum(1))
-        per_image["psnr_db"].append(-10 * torch.log10(sq_err.mean(1).clamp(min=1e-10)))
-        per_image["kl_nats"].append(kl)
-        sample_err = (vae.decode(z) - x).pow(2).flatten(1).sum(1)
-        per_image["neg_elbo_nats"].append(sample_err + 0.5 * x[0].numel() * math.log(math.pi) + kl)
-        sharp_recon += sharpness(recon).sum().item()
-        sharp_input += sharpness(x).sum().item()
-    vae.train(was_training)
-    n, dims = len(images), images[0].numel()
-    out: dict[str, float] = {"n": n}
-    for key, chunks in per_image.items():
-        mean_value, _, high = mean_ci(torch.cat(chunks))
-        out[key], out[f"{key}_ci95"] = mean_value, high - mean_value  # the half-width
-    out["neg_elbo_bpd"] = out["neg_elbo_nats"] / (dims * math.log(2))
-    out["sharpness"], out["sharpness_ratio"] = sharp_recon / n, sharp_recon / sharp_input
-    return out
-
-
-@torch.no_grad()
-def figure_panels(vae: VAE, dataset: str, num_images: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """{"inputs", "reconstructions", "prior samples"}: (num_images, C, 32, 32) each, for `save_labeled_grids`."""
-    device = next(vae.parameters()).device
-    x = _test_images(dataset, num_images, device)
-    mean, _ = vae.encode(x)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    samples = vae.sample(num_images, latent_hw=tuple(mean.shape[-2:]), generator=generator)
-    return {"inputs": x.cpu(), "reconstructions": vae.decode(mean).cpu(), "prior samples": samples.cpu()}
-
-
-def curve(rows: list[dict], key: str, window: int = 1) -> tuple[list[float], list[float]]:
-    """(steps, values) of metric `key` in log rows, smoothed by a trailing mean over `window` points."""
-    steps, values = column(rows, key)
-    if not steps:
-        raise ValueError(f"no metric {key!r} in the rows; available: {sorted({k for r in rows for k in r})}")
-    return steps, trailing_mean(values, window)
 
 
 if __name__ == "__main__":
