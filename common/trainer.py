@@ -12,8 +12,9 @@ device: the `.item()` of a logged row is the one host sync of its interval (as n
 
 Under torchrun (several processes, `common.dist`) the same loop runs in every process, as nanoGPT's `train.py`
 does: the trained modules are wrapped in DistributedDataParallel (`Trainer.models`), whose backward averages the
-gradients over the ranks; a task's step function takes its rank's part of the step's global batch (`make_step_fn`:
-the same seeded indices on every rank, cut into shards), so N ranks x k micro-batches make one batch of N x k.
+gradients over the ranks; a task's step function takes its rank's part of the step's global batch
+(`common.steps.make_step_fn`: the same seeded indices on every rank, cut into shards), so N ranks x k micro-batches
+make one batch of N x k.
 Logged metrics are averaged over the ranks (`*_per_s` rates summed). Only rank 0 shows a progress bar and writes the
 CSVs and checkpoints (the others keep the rows in memory); every rank draws its own random numbers (dropout,
 augmentation, noise), offset by its rank, and a checkpoint keeps every rank's RNG state, so a resumed run under DDP
@@ -23,7 +24,6 @@ is the uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -33,15 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from common import dist
-from common.data import batch_indices
 from common.device import autocast
 from common.ema import EMA
 from common.io import atomic_save
-from common.logging import MetricLogger
+from common.logging import MetricLogger, column
 
 Metrics = dict[str, float | torch.Tensor]  # numbers or one-element tensors, made floats when logged
 StepFn = Callable[[int], Metrics]
@@ -61,18 +60,6 @@ def as_floats(metrics: Metrics) -> dict[str, float]:
     return out
 
 
-def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> LambdaLR:
-    """Linear warm-up to the base LR, then cosine decay to `min_ratio` of it at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
-
-
 class MemoryLog:
     """A `MetricLogger` without its file: the rows that ranks other than 0 keep (rank 0 alone writes the CSVs)."""
 
@@ -86,8 +73,7 @@ class MemoryLog:
         self.rows = list(rows)
 
     def column(self, key: str) -> tuple[list[int], list[float]]:
-        pairs = [(r["step"], r[key]) for r in self.rows if key in r]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
+        return column(self.rows, key)
 
 
 def offset_rng_by_rank(rank: int) -> None:
@@ -310,132 +296,3 @@ class Trainer:
         self.step = state["step"]
         if self.world > 1 and len(state.get("rank_rng", [])) != self.world:
             offset_rng_by_rank(self.rank)  # saved by another number of processes: offset rank 0's stream
-
-
-# ---------------------------------------------------------------------------------------------- step / eval helpers
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def batch_rows(batch: Batch) -> int:
-    """Rows (examples) of a batch: the default count of the items a loss averages over."""
-    return next(iter(batch.values())).shape[0]
-
-
-def make_step_fn(
-    trainer: Trainer,
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch_fn: Callable[[list[int]], Batch],
-    *,
-    n_examples: int,
-    batch_size: int,
-    grad_accum: int = 1,
-    seed: int = 0,
-    optimizer: str = "policy",
-    items_fn: Callable[[Batch], int] = batch_rows,
-) -> StepFn:
-    """A `Trainer.fit` step: `grad_accum` micro-batches of `batch_size` examples, backward, one optimizer step.
-
-    `loss_fn(model, batch) -> (loss, metrics)` returns the mean over the batch's items, which `items_fn` counts
-    (rows by default; supervised tokens for SFT). Micro-batch k, with n_k of the step's N items, is weighted by
-    n_k / N, so the step's loss and gradients are those of one batch of `batch_size * grad_accum` examples (as
-    TRL's SFTTrainer normalises by the items of the whole accumulated batch). Each micro-batch needs >= 1 item.
-
-    The examples of a step are `common.data.batch_indices(n_examples, batch_size * grad_accum, step, seed)`, so a
-    resumed run sees the same data; `batch_fn(indices)` builds their batch on the host (moved to the trainer's
-    device here). Metrics: the same weighted means of what `loss_fn` returns, left as detached device tensors (no
-    host sync here; the Trainer reads them at log steps), `tokens_per_s` (real tokens, from the host-side
-    attention masks) and `grad_norm`.
-
-    With R ranks (`trainer.world`) the step's batch is the same: every rank computes its indices and takes its
-    consecutive 1 / R of them, in micro-batches of at most `batch_size` (with grad_accum a multiple of R: grad_accum / R
-    whole micro-batches of the one-process run). N, the items of the whole step, is summed over the ranks, and a
-    micro-batch is weighted by R * n_k / N: DDP's backward averages the gradients over the ranks, which makes the sum
-    over all micro-batches of n_k / N times their gradients, as in one process. All but a rank's last micro-batch
-    run under DDP's `no_sync()`.
-    """
-    world, examples = trainer.world, batch_size * grad_accum
-    if examples % world:
-        raise ValueError(f"the step's batch_size x grad_accum = {examples} examples is not divisible by the {world} "
-                         f"processes; make it a multiple of NPROC={world} (each rank takes an equal share)")
-    local = examples // world  # examples of this rank
-    net = trainer.wrapped(model)
-
-    def step_fn(step: int) -> dict[str, torch.Tensor | float]:
-        start = time.perf_counter()
-        indices = batch_indices(n_examples, examples, step, seed)  # the global batch, on every rank
-        chunks = indices[trainer.rank * local : (trainer.rank + 1) * local].split(batch_size)
-        batches = [batch_fn(chunk.tolist()) for chunk in chunks]
-        items = [int(items_fn(batch)) for batch in batches]  # host tensors: no device sync
-        total = trainer.sum_over_ranks({"items": sum(items)})["items"]  # of the global batch
-        metrics: dict[str, torch.Tensor | float] = {}
-        for i, (batch, n) in enumerate(zip(batches, items, strict=True)):
-            weight = n * world / total
-            with trainer.no_sync(optimizer, last=i == len(batches) - 1):
-                with trainer.autocast():
-                    loss, values = loss_fn(net, {k: v.to(trainer.device) for k, v in batch.items()})
-                (loss * weight).backward()
-            for key, value in values.items():
-                metrics[key] = metrics.get(key, 0.0) + value.detach() * weight
-        metrics["grad_norm"] = trainer.optimizer_step(optimizer)
-        if all("attention_mask" in batch for batch in batches):
-            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-            metrics["tokens_per_s"] = tokens / (time.perf_counter() - start)
-        return metrics
-
-    return step_fn
-
-
-def make_eval_fn(
-    trainer: Trainer,
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches: Sequence[Batch],
-    prefix: str = "val_",
-    items_fn: Callable[[Batch], int] = batch_rows,
-) -> EvalFn:
-    """An eval function for `Trainer.fit`: the metrics of `loss_fn` over fixed `batches`, keys prefixed.
-
-    Each metric is the mean over all items of the batches (batch means weighted by `items_fn`, as in
-    `make_step_fn`), so it does not depend on how the evaluation set is cut into batches. With several ranks, each
-    evaluates its consecutive part of the batches (`common.dist.split_range`) and the weighted sums are summed over
-    the ranks: the same numbers, in 1 / N of the time.
-    """
-    if not batches:
-        raise ValueError("make_eval_fn needs at least one validation batch")
-    items = [int(items_fn(batch)) for batch in batches]
-    total = sum(items)
-    mine = range(len(batches)) if trainer.world == 1 else dist.split_range(len(batches))
-
-    def eval_fn(step: int) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        for i in mine:
-            with trainer.autocast():
-                _, values = loss_fn(model, {k: v.to(trainer.device) for k, v in batches[i].items()})
-            for key, value in values.items():
-                metrics[prefix + key] = metrics.get(prefix + key, 0.0) + float(value) * (items[i] / total)
-        return dist.sum_gathered(metrics) if trainer.world > 1 else metrics
-
-    return eval_fn
-
-
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float | None = None, kind: str = "adamw",
-                    **options) -> torch.optim.Optimizer:
-    """The optimizer `OPTIMIZERS[kind]` of `model`'s trainable parameters, the one recipe of every run.
-
-    `weight_decay` None: one parameter group, no decay. A number: two groups as nanoGPT's, matrices (conv and linear
-    weights, embeddings) decay by it and vectors (biases, norms) do not. `options` go to the optimizer (e.g. betas,
-    momentum, nesterov). The group layout is part of a checkpoint's optimizer state, so a run keeps its layout.
-    """
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay is None:
-        return OPTIMIZERS[kind](params, lr=lr, weight_decay=0.0, **options)
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return OPTIMIZERS[kind]([g for g in groups if g["params"]], lr=lr, **options)

@@ -33,7 +33,8 @@ from torch import nn
 
 from common import dist, get_device, get_profile, make_config, seed_everything
 from common.config import bookkeeping, check
-from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
+from common.steps import Batch, make_eval_fn, make_step_fn
+from common.trainer import EvalFn, StepFn, Trainer
 from fm.logps import PreferenceData, concatenated_logps, reference_data
 from fm.lora import apply_lora, merge_lora
 from fm.preference import (
@@ -119,7 +120,7 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
 # ---------------------------------------------------------------------------------------------- loss for the loop
 def make_preference_loss_fn(beta: float, label_smoothing: float = 0.0, loss: PreferenceLoss = dpo_loss,
                             length_normalize: bool = False):
-    """`loss_fn(policy, batch) -> (loss, metrics)` for `common.trainer.make_step_fn` / `make_eval_fn`.
+    """`loss_fn(policy, batch) -> (loss, metrics)` for `common.steps.make_step_fn` / `make_eval_fn`.
 
     The batch is a `PreferenceData.batch`: policy log-probs come from one concatenated forward pass, the reference
     log-probs from the cache. With `length_normalize`, every log-prob (policy and reference, so each log-ratio) is

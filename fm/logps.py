@@ -21,7 +21,7 @@ from common import cache_dir, dist
 from common.config import json_digest
 from common.io import atomic_save
 from common.params import weights_digest
-from common.trainer import Batch
+from common.steps import Batch
 from fm.preference import Pair, collate_pairs, is_scored, tokenize_pair
 from fm.tokenizer import padding_id
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a causal LM on Human/Assistant dialogues, on the package's one training loop.
 
 SFT adds only its loss (`sft_loss`, the mean cross-entropy on the assistant tokens) and its data to the generic
-pieces of `common.trainer` (`make_step_fn`, `make_eval_fn`) and `fm.training` (config base, run folder, trainer).
+pieces of `common.steps` (`make_step_fn`, `make_eval_fn`) and `fm.training` (config base, run folder, trainer).
 Gradient accumulation normalises by the supervised tokens of the whole accumulated batch, so it equals one batch.
 
     cfg = sft_config("quick")
@@ -25,7 +25,8 @@ from torch import nn
 from common import dist, get_device, get_profile, make_config, seed_everything
 from common.config import check
 from common.params import count_parameters
-from common.trainer import Batch, EvalFn, StepFn, Trainer, make_eval_fn, make_step_fn
+from common.steps import Batch, make_eval_fn, make_step_fn
+from common.trainer import EvalFn, StepFn, Trainer
 from fm.attention import ATTN_IMPLS
 from fm.data import collate, encode, format_prompt, load_dialogues, resolve_source, tokenize_dialogues
 from fm.generate import generate

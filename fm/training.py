@@ -17,7 +17,8 @@ from torch import nn
 
 from common import checkpoint_dir, dist, get_device
 from common.config import bookkeeping, check, config_digest
-from common.trainer import Trainer, build_optimizer, warmup_cosine
+from common.optim import build_optimizer, warmup_cosine
+from common.trainer import Trainer
 from fm.generate import context_length
 from fm.pretrained import save_lm
 

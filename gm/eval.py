@@ -22,7 +22,8 @@ from common.checks import Interval, wilson_interval
 from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
-from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
+from common.optim import build_optimizer, warmup_cosine
+from common.trainer import Metrics, Trainer
 from gm.data import CHANNELS, DATASETS, TRAIN_SIZE, load_dataset, subset_indices
 
 T = TypeVar("T")

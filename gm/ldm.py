@@ -31,9 +31,10 @@ from common.device import timed
 from common.ema import EMA
 from common.io import atomic_save
 from common.logging import trailing_mean
+from common.optim import build_optimizer, warmup_cosine
 from common.params import weights_digest  # the VAE's identity in latent caches and LDM run names
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
-from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
+from common.trainer import Metrics, Trainer
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from gm.eval import Classifier, predict, wilson_interval

@@ -28,7 +28,8 @@ from common.config import bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
-from common.trainer import Metrics, Trainer, build_optimizer, warmup_cosine
+from common.optim import build_optimizer, warmup_cosine
+from common.trainer import Metrics, Trainer
 from gm.data import CHANNELS, DATASETS, eval_images, load_dataset_uint8, to_float
 from gm.loss import GAN_MODES, VAEGANLoss, kl_divergence, reconstruction_loss
 from gm.model import VAE, Discriminator

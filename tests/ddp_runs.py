@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from common import dist
-from common.trainer import Trainer, make_eval_fn, make_step_fn
+from common.steps import make_eval_fn, make_step_fn
+from common.trainer import Trainer
 
 STEPS = 1  # one optimizer step: the parameters then differ only by how the batch's gradient was summed
 

@@ -8,9 +8,11 @@ from common import make_config
 from common.data import batch_indices
 from common.ema import EMA
 from common.logging import read_csv
+from common.optim import warmup_cosine
 from common.params import count_parameters
 from common.plotting import make_grid, markdown_table
-from common.trainer import Trainer, make_eval_fn, make_step_fn, warmup_cosine
+from common.steps import make_eval_fn, make_step_fn
+from common.trainer import Trainer
 
 
 def _fit(run_dir, steps, resume=False):

@@ -129,7 +129,8 @@ def test_bad_process_counts_and_batches_raise(monkeypatch):
 def test_make_step_fn_and_dpo_sampling_reject_uneven_shares(monkeypatch, tmp_path):
     from torch import nn
 
-    from common.trainer import Trainer, make_step_fn
+    from common.steps import make_step_fn
+    from common.trainer import Trainer
     from fm.dpo import dpo_config, preference_pairs
 
     model = nn.Linear(2, 1)

@@ -146,7 +146,7 @@ def test_a_rank_other_than_0_writes_nothing_and_keeps_the_rows(tmp_path, monkeyp
 
 def test_build_optimizer_is_every_run_s_recipe():
     """One group without decay (VAE, discriminator, LDM), or matrices-decay / vectors-not groups (LMs, classifier)."""
-    from common.trainer import build_optimizer
+    from common.optim import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     model[1].bias.requires_grad_(False)  # frozen parameters stay out
