@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
@@ -27,6 +26,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.device import timed  # noqa: E402
 from common.plotting import markdown_table  # noqa: E402
 from fm.generate import generate  # noqa: E402
 from fm.model import GPT, GPTConfig  # noqa: E402
@@ -64,10 +64,9 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) ->
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(repeats + 1):
         for name, case in cases.items():
-            start = time.perf_counter()
-            case()
+            _, seconds = timed(case)
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
