@@ -63,6 +63,19 @@ def added_field(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={"digest_omits": default})
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """The fields of an image run's config (VAE, classifier, LDM) beyond its training settings: the seed and profile
+    (hashed), and where and how verbosely it runs (bookkeeping). A subclass's fields follow these; it may redeclare
+    one with another default."""
+
+    seed: int = 0
+    device: str | None = bookkeeping(None)  # None: common.get_device()
+    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
+    profile: str = "quick"
+    progress: bool = bookkeeping(True)  # a progress bar
+
+
 def digest_fields(cfg: Any) -> dict[str, Any]:
     """The fields of config dataclass `cfg` that its digest hashes: all but the `bookkeeping` ones (and an
     `added_field` at its default)."""

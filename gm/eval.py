@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from common import checkpoint_dir, dist, get_device, make_config, seed_everything
 from common.checks import Interval, wilson_interval
-from common.config import bookkeeping, check, config_digest
+from common.config import RunConfig, bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
 from common.optim import build_optimizer, warmup_cosine
@@ -75,7 +75,7 @@ class Classifier(nn.Module):
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(RunConfig):
     dataset: str = "mnist"
     width: int = 32
     width_mults: tuple[int, int, int] = (1, 3, 6)  # widths of the three groups, in units of `width`
@@ -92,11 +92,7 @@ class ClassifierConfig:
     flip: bool | None = None  # random horizontal flips (training) and flip test-time augmentation; None: CIFAR-10
     degrade_fraction: float = 0.1  # fraction of each batch blurred / contrast-reduced (see `degrade`)
     eval_size: int = 10_000  # test images for the reported accuracy (10,000: the full test set)
-    seed: int = 0
-    device: str | None = bookkeeping(None)
-    log_interval: int = bookkeeping(10)  # train metrics are read off the device (a host sync) every log_interval steps
-    profile: str = "quick"
-    progress: bool = bookkeeping(True)
+    log_interval: int = bookkeeping(10)  # train metrics are read off the device every 10 steps
 
     def __post_init__(self):
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")

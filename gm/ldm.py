@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from common import cache_dir, checkpoint_dir, dist, get_device, make_config, seed_everything
-from common.config import added_field, bookkeeping, check, config_digest
+from common.config import RunConfig, added_field, bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.device import timed
 from common.ema import EMA
@@ -50,7 +50,7 @@ CLASS_NAMES = {"mnist": tuple(str(i) for i in range(10)), "cifar10": CIFAR10_CLA
 
 
 @dataclass
-class LDMConfig:
+class LDMConfig(RunConfig):
     dataset: str = "mnist"
     process: str = added_field("ddpm")  # the generative process, a key of PROCESSES (ddpm runs keep their folders)
     # diffusion (the "ddpm" process)
@@ -87,13 +87,8 @@ class LDMConfig:
     # eta = 0 at every step count with guidance
     ddim_eta: float = bookkeeping(1.0)
     guidance_scale: float = bookkeeping(1.0)  # classifier-free guidance w of the report's samples (1: conditional)
-    seed: int = 0
     bf16: bool = False
-    device: str | None = bookkeeping(None)
-    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
     vae_profile: str | None = None  # profile of the VAE to encode with (default: this profile)
-    profile: str = "quick"
-    progress: bool = bookkeeping(True)
 
     def __post_init__(self):
         self.channel_mults = tuple(self.channel_mults)

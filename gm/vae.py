@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from common import checkpoint_dir, dist, get_device, get_profile, make_config, seed_everything
-from common.config import bookkeeping, check, config_digest
+from common.config import RunConfig, check, config_digest
 from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
@@ -41,7 +41,7 @@ LDM_KL_WEIGHT = 1e-6
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(RunConfig):
     """A VAE or VAE+GAN run. `steps` (if set) wins over `epochs` (full profile: the homework's 10 epochs)."""
 
     dataset: str = "cifar10"
@@ -69,12 +69,7 @@ class VAEConfig:
     # evaluation and bookkeeping
     eval_interval: int = 500
     eval_size: int = 1000  # test images for the periodic evaluation during training
-    seed: int = 0
     bf16: bool = False
-    device: str | None = bookkeeping(None)
-    log_interval: int = bookkeeping(1)  # train metrics are read off the device (a host sync) every log_interval steps
-    profile: str = "quick"
-    progress: bool = bookkeeping(True)
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
