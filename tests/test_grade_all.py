@@ -4,7 +4,7 @@ release, typical wrong answers, a syntax error (with 1.1 done), a hang in 2.1 (w
 outside its folder (refused before any grading).
 
 Every task runs under a 20 s limit (the hang's cost; the solution's slowest task took 6 s on 2 loaded cores). The
-class takes about 2 min on 2 shared cores (10 gradings of 6 sandboxed workers each), plus tests/test_submit.py's
+class takes 2-3.5 min on 2 shared cores (10 gradings of 6 sandboxed workers each), plus tests/test_submit.py's
 hand-ins, made once per session and shared by both modules.
 """
 

@@ -4,7 +4,7 @@ report and one zip with its manifest.
 Two hand-ins, made once per test session (`submitted`, shared with tests/test_grade_all.py, which grades them): the
 solution pasted back into a fresh release, and a release with only task 1.1 done. Each runs the release's own
 `python -m course.submit` as `make submit` does (the preview grade: 6 sandboxed workers; notebooks 1_1, and 2_1
-which stops at the first 2.1 function in the 1.1-only release). About 40 s in all on 2 shared cores.
+which stops at the first 2.1 function in the 1.1-only release). About 70 s in all on 2 shared cores.
 """
 
 import hashlib
