@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nbformat
@@ -140,7 +140,7 @@ def release_info(root: Path) -> dict:
     version = re.search(r'^version\s*=\s*"([^"]+)"', (root / "pyproject.toml").read_text(), re.M)[1]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     commit = git.stdout.strip() if git.returncode == 0 else None
-    return {"version": version, "commit": commit, "built": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {"version": version, "commit": commit, "built": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _private(rel: str) -> bool:

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common.paths import fig_dir
@@ -147,7 +147,7 @@ def submit(tree: Path = ROOT, student: str | None = None, profile: str = "smoke"
     info = tree / RELEASE_INFO
     manifest = {
         "id": student, "release": json.loads(info.read_text()) if info.is_file() else release_info(tree),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": profile,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "profile": profile,
         "complete": not problems, "problems": problems, "preview_grade": grade_summary,
         "notebooks": [asdict(r) for r in runs],
         "files": [{"path": n, "sha256": _sha256(data), "bytes": len(data)} for n, data in sorted(contents.items())],
