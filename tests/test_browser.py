@@ -159,12 +159,11 @@ class Lab:
         stamp = path.stat().st_mtime_ns
         self.page.locator(f"{PANEL} .jp-Notebook").click(position={"x": 5, "y": 5})
         self.page.keyboard.press("Control+s")
-        for _ in range(200):
+        for _ in range(200):  # the contents API writes atomically (temp file, then rename): a new mtime is a whole file
             if path.stat().st_mtime_ns != stamp:
-                break
+                return nbformat.read(path, as_version=4)
             time.sleep(0.1)
-        time.sleep(0.2)  # the contents API writes the file whole; let it finish
-        return nbformat.read(path, as_version=4)
+        raise AssertionError(f"Ctrl+S did not save {name} within 20 s")
 
     def inline_png_digests(self) -> list[str]:
         sources = self.page.eval_on_selector_all(f"{PANEL} .jp-OutputArea-output img", IMAGES_JS)
