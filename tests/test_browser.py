@@ -159,11 +159,14 @@ class Lab:
         stamp = path.stat().st_mtime_ns
         self.page.locator(f"{PANEL} .jp-Notebook").click(position={"x": 5, "y": 5})
         self.page.keyboard.press("Control+s")
-        for _ in range(200):  # the contents API writes atomically (temp file, then rename): a new mtime is a whole file
+        for _ in range(200):  # Jupyter backs the file up, then writes it in place: read it once it parses whole
             if path.stat().st_mtime_ns != stamp:
-                return nbformat.read(path, as_version=4)
+                try:
+                    return nbformat.read(path, as_version=4)
+                except nbformat.reader.NotJSONError:  # caught mid-write
+                    pass
             time.sleep(0.1)
-        raise AssertionError(f"Ctrl+S did not save {name} within 20 s")
+        raise AssertionError(f"Ctrl+S did not save a readable {name} within 20 s")
 
     def inline_png_digests(self) -> list[str]:
         sources = self.page.eval_on_selector_all(f"{PANEL} .jp-OutputArea-output img", IMAGES_JS)
