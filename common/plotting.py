@@ -26,14 +26,14 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6
 def save_figure(fig: Figure, path: str | Path, **savefig_kwargs: Any) -> Path:
     """Save a figure as PNG (creating folders) and return its path.
 
-    A figure made with pyplot in a notebook cell is closed too, so the inline backend does not draw it a second time
-    beside the saved file that the notebook shows.
+    The saved image is cropped to what is drawn (`bbox_inches="tight"`): a title or label wider than the figure
+    widens the image instead of being cut at its edge. A figure made with pyplot in a notebook cell is closed too, so
+    the inline backend does not draw it a second time beside the saved file that the notebook shows.
     """
-    if "bbox_inches" not in savefig_kwargs:
-        fig.tight_layout()
+    fig.tight_layout()  # spacing between panels and labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **{"dpi": 120, **savefig_kwargs})
+    fig.savefig(path, **{"dpi": 120, "bbox_inches": "tight", **savefig_kwargs})
     if fig.canvas.manager is not None:  # only pyplot's figures have a manager, so pyplot is imported already
         import matplotlib.pyplot as plt
 

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -116,6 +117,26 @@ def test_grid_and_table():
     with pytest.raises(ValueError, match="shape"):
         make_grid(torch.rand(4, 4))
     assert markdown_table([{"a": 1, "b": 0.5}]).splitlines()[2] == "| 1 | 0.5 |"
+
+
+@pytest.mark.parametrize("suptitle", [False, True], ids=["axes title", "suptitle"])
+def test_a_title_wider_than_the_figure_is_saved_whole(tmp_path, suptitle):
+    """save_figure widens the image to hold a long title: the PNG is at least as wide as the title's text, and its
+    outermost pixel columns are background (a clipped title would run through them)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    from common.plotting import new_figure, save_figure
+
+    fig, ax = new_figure(figsize=(3, 2))
+    ax.plot([0, 1], [1, 0])
+    title = "a title much wider than its three-inch figure, as a loss curve's (adaptive mode, quick profile)"
+    text = fig.suptitle(title) if suptitle else ax.set_title(title)
+    title_px = text.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width * 120 / fig.dpi  # saved at 120 dpi
+    assert title_px > 3 * 120  # the case under test: the title alone is wider than the figure
+    image = np.asarray(Image.open(save_figure(fig, tmp_path / "long.png")).convert("L"))
+    assert image.shape[1] >= title_px
+    assert image[:, 0].min() == 255 and image[:, -1].min() == 255
 
 
 def _count_connections(monkeypatch) -> list[tuple]:
