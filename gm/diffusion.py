@@ -26,7 +26,8 @@ from gm.sampler import randn as _randn
 from gm.sampler import sample as run_sampler
 
 # StepOutput and guided_output moved to gm.sampler; imported here for the code and checks that name them in gm.diffusion
-__all__ = ["PREDICTIONS", "SAMPLERS", "SCHEDULES", "GaussianDiffusion", "StepOutput", "beta_schedule", "guided_output"]
+__all__ = ["PREDICTIONS", "SAMPLERS", "SCHEDULES", "GaussianDiffusion", "StepOutput", "beta_schedule", "guided_output",
+           "limit_x0"]
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 SAMPLERS = ("ddpm", "ddim")
@@ -43,6 +44,19 @@ def beta_schedule(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_
         abar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+
+
+def limit_x0(x0: Tensor, clip: float, threshold: float | None = None) -> Tensor:
+    """Predicted clean samples x0 (B, ...) limited to the data's range [-clip, clip].
+
+    threshold None: clipped (diffusers' `clip_sample`). threshold = p: dynamic thresholding (Saharia et al. 2022,
+    Imagen; diffusers' `thresholding` with data range `clip` instead of 1): per sample s = max(clip, p-quantile of
+    |x0|), then x0 is clamped to [-s, s] and scaled by clip / s, so a sample that overshoots is shrunk back into
+    range instead of saturating at its edges."""
+    if threshold is None:
+        return x0.clamp(-clip, clip)
+    s = _bcast(x0.abs().flatten(1).float().quantile(threshold, dim=1).clamp(min=clip).to(x0.dtype), x0.ndim)
+    return torch.maximum(torch.minimum(x0, s), -s) * (clip / s)
 
 
 def _bcast(values: Tensor, ndim: int) -> Tensor:
@@ -63,6 +77,7 @@ class GaussianDiffusion(nn.Module):
     """
 
     solvers = ("euler",)  # DDIM is the Euler step of the probability-flow ODE; Heun would need t_prev = -1
+    limits_x0 = True  # `step` takes clip_x0 / threshold (`SamplerSpec.clip_x0`)
 
     def __init__(
         self,
@@ -241,13 +256,17 @@ class GaussianDiffusion(nn.Module):
         ### END SOLUTION
 
     def step(self, model_output: Tensor, t: Tensor | int, t_prev: Tensor | int, x_t: Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> StepOutput:
+             generator: torch.Generator | None = None, clip_x0: float | None = None,
+             threshold: float | None = None) -> StepOutput:
         """One reverse step x_t -> x_{t_prev} from the model's output at (x_t, t); pure maths, calls no model.
 
         model_output: (B, ...) like x_t, in this schedule's `prediction` ("eps" or "v"), guidance already applied
         (`guided_output`). t: int or (B,) in [0, T); t_prev: int or (B,) with -1 <= t_prev < t (-1: the clean data).
         eta >= 0 scales DDIM's noise. eta = 1 with t_prev = t - 1 is the ancestral DDPM step (`ddpm_update`, the
-        exact posterior); any other pair is a DDIM step (`ddim_update`). Returns (prev_sample, pred_x0).
+        exact posterior); any other pair is a DDIM step (`ddim_update`). clip_x0 (and threshold): x0_hat is limited
+        by `limit_x0` and eps re-derived from it, eps = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t), before the
+        update (diffusers' DDIMScheduler with `clip_sample` or `thresholding` and `use_clipped_model_output`).
+        Returns (prev_sample, pred_x0).
         """
         t = self._check_t(t, x_t.shape[0], x_t.device)
         t_prev = torch.full_like(t, t_prev) if isinstance(t_prev, int) else t_prev.to(t.device).long()
@@ -258,6 +277,10 @@ class GaussianDiffusion(nn.Module):
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         x0_hat, eps_hat = self.split_prediction(x_t, t, model_output)
+        if clip_x0 is not None:
+            x0_hat = limit_x0(x0_hat, clip_x0, threshold)
+            eps_hat = ((x_t - _extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x0_hat)
+                       / _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim))
         if eta == 1.0 and torch.equal(t_prev, t - 1):
             return StepOutput(self.ddpm_update(x0_hat, x_t, t, generator), x0_hat)
         return StepOutput(self.ddim_update(x0_hat, eps_hat, t, t_prev, eta, generator), x0_hat)

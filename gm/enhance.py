@@ -1,8 +1,8 @@
 """Task 2.4: measured enhancements of the latent diffusion model of task 2.3.
 
 Every experiment samples the same labels from the same start noise (one seed) and measures the images with the
-2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy and the classifier-feature Frechet distance to real
-test images (each with its 95 % CI), and wall time. Each runner returns table rows (dicts, for
+2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy (95 % CI), the classifier-feature Frechet distance
+and kernel distance (KID, 95 % CI) to real test images, and wall time. Each runner returns table rows (dicts, for
 `common.plotting.markdown_table`): first the reference rows (real test images, their VAE reconstructions; not timed;
 `reference_rows` computes them once for all experiments, pass them as `refs`), then one timed row per setting.
 
@@ -256,12 +256,12 @@ def flow_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, 
 
 
 def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]:
-    """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, fd_ci, images_per_s}} for
+    """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, kid, kid_ci, images_per_s}} for
     fig/part2_summary.json; a row's label joins its `label_keys` values with "_" (e.g. "DDIM-50_1" for
     ("images_from", "eta"))."""
     return {"_".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in label_keys if k in r): {
         "n": r["n"], "cond_acc": r["cond_accuracy"], "cond_acc_ci": list(r["cond_accuracy_ci"]),
-        "fd": r["feature_fd"], "fd_ci": list(r["feature_fd_ci"]), "images_per_s": r["images_per_s"]}
+        "fd": r["feature_fd"], "kid": r["kid"], "kid_ci": list(r["kid_ci"]), "images_per_s": r["images_per_s"]}
         for r in _split(rows)[1]}
 
 

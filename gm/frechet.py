@@ -1,5 +1,5 @@
-"""Frechet distance between two feature sets (the FID recipe on the evaluation classifier's features), with a
-bootstrap confidence interval.
+"""Distances between two feature sets on the evaluation classifier's features: the Frechet distance (the FID
+recipe, a biased plug-in estimate) and the kernel distance (the KID recipe, unbiased, with a confidence interval).
 
 Each set is summarised by its Gaussian statistics (`GaussianStats`: mean, covariance and the covariance's symmetric
 square root); `FrechetReference` keeps a reference set's statistics, computed once, for many comparisons.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.checks import Interval
+from common.checks import Interval, mean_ci
 from common.config import check
 
 
@@ -58,23 +58,17 @@ def frechet_distance_from_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Te
 @dataclass(frozen=True)
 class FrechetReference:
     """A reference feature set that many feature sets are compared with (real test images): its Gaussian
-    statistics and those of `resamples` bootstrap resamples of it (drawn with `seed`), each computed once, so a
-    comparison costs only the other set's covariance and one eigendecomposition per resample."""
+    statistics, computed once, so a comparison costs only the other set's covariance and one eigendecomposition."""
 
     features: Tensor  # (N, D) float64
     stats: GaussianStats
-    resampled: tuple[GaussianStats, ...]
 
     @classmethod
-    def of(cls, features: Tensor, resamples: int = 200, seed: int = 0) -> FrechetReference:
+    def of(cls, features: Tensor) -> FrechetReference:
         check(features.ndim == 2 and len(features) >= 2,
               f"need an (N, D) reference feature set with N >= 2, got {tuple(features.shape)}")
-        check(resamples >= 10, f"need resamples >= 10, got {resamples}")
-        gen = torch.Generator().manual_seed(seed)
         f = features.double().cpu()
-        resampled = tuple(GaussianStats.of(f[torch.randint(len(f), (len(f),), generator=gen)])
-                          for _ in range(resamples))
-        return cls(f, GaussianStats.of(f), resampled)
+        return cls(f, GaussianStats.of(f))
 
     def __len__(self) -> int:
         return len(self.features)
@@ -90,39 +84,39 @@ def _check_features(features1: Tensor, features2: Tensor) -> None:
 
 def frechet_distance(features1: Tensor, features2: Tensor | FrechetReference) -> float:
     """Frechet distance between Gaussians fitted to two (N, D) feature sets (N may differ; both need N >= 2);
-    `features2` may be a `FrechetReference` (its statistics are reused)."""
+    `features2` may be a `FrechetReference` (its statistics are reused). A plug-in estimate, biased upwards: two
+    samples of one distribution are at a distance > 0 that shrinks with N, so only distances with equal N compare."""
     ref = features2 if isinstance(features2, FrechetReference) else None
     _check_features(features1, ref.features if ref else features2)
     f1 = features1.double().cpu()
     return _frechet(ref.stats if ref else GaussianStats.of(features2), f1.mean(0), torch.cov(f1.T))
 
 
-def bootstrap_frechet_interval(features1: Tensor, features2: Tensor | FrechetReference, resamples: int = 200,
-                               seed: int = 0, level: float = 0.95) -> Interval:
-    """Basic (reflected) bootstrap interval of `frechet_distance(features1, features2)`: both (N, D) sets are
-    resampled with replacement (each set is a random sample: the generated images and the real reference images),
-    and the quantiles q of the resampled distances give [2 d - q_hi, 2 d - q_lo], clamped at 0. A
-    `FrechetReference` brings its own resamples (then `resamples` must equal their number); a tensor is resampled
-    with `seed + 1`, `features1` with `seed`.
+def mmd2_unbiased(x: Tensor, y: Tensor) -> float:
+    """Unbiased MMD^2 of (n, D) and (m, D) float64 sets (n, m >= 2) with KID's cubic polynomial kernel
+    k(a, b) = (a . b / D + 1)^3 (Binkowski et al. 2018)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    n, m = len(x), len(y)
+    return ((kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+            - 2 * kxy.mean()).item()
 
-    The plug-in distance d is biased upwards (two samples of one distribution are at distance > 0), and resampling
-    with replacement duplicates images and inflates it further, so the percentile interval [q_lo, q_hi] can lie
-    wholly above d. The basic interval reflects that shift back: it estimates where the population distance is, and
-    near zero it may lie below d."""
-    check(resamples >= 10 and 0 < level < 1, f"need resamples >= 10 and level in (0, 1), got {resamples}, {level}")
-    given = isinstance(features2, FrechetReference)
-    _check_features(features1, features2.features if given else features2)
-    if given:
-        check(len(features2.resampled) == resamples, f"the reference holds {len(features2.resampled)} resamples, "
-              f"asked for {resamples}; build it with FrechetReference.of(features, resamples={resamples})")
-    ref = features2 if given else FrechetReference.of(features2, resamples, seed + 1)
+
+def kernel_distance(features1: Tensor, features2: Tensor | FrechetReference, blocks: int = 10,
+                    seed: int = 0) -> tuple[float, Interval]:
+    """Kernel distance (KID, Binkowski et al. 2018) between two (N, D) feature sets, with a 95 % confidence interval.
+
+    Both sets are shuffled (with `seed`) and split into `blocks` disjoint blocks; block b of one set is compared with
+    block b of the other by the unbiased MMD^2 with the cubic polynomial kernel. KID is the mean of the block values
+    and its interval the normal interval of that mean (`mean_ci`), so it always contains the estimate. Unlike the
+    Frechet distance, each block value is unbiased: two samples of one distribution score 0 on average (a block
+    value can be negative), so KIDs measured with different N compare."""
+    ref = features2.features if isinstance(features2, FrechetReference) else features2
+    _check_features(features1, ref)
+    check(blocks >= 2 and min(len(features1), len(ref)) >= 2 * blocks,
+          f"need blocks >= 2 and at least 2 rows per block, got {blocks} blocks of {len(features1)} and {len(ref)}")
     gen = torch.Generator().manual_seed(seed)
-    f1 = features1.double().cpu()
-    values = []
-    for stats in ref.resampled:
-        f = f1[torch.randint(len(f1), (len(f1),), generator=gen)]
-        values.append(_frechet(stats, f.mean(0), torch.cov(f.T)))
-    values = torch.tensor(values)
-    q_lo, q_hi = torch.quantile(values, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=values.dtype)).tolist()
-    estimate = frechet_distance(f1, ref)
-    return Interval(max(0.0, 2 * estimate - q_hi), max(0.0, 2 * estimate - q_lo))
+    x, y = (f.double().cpu()[torch.randperm(len(f), generator=gen)] for f in (features1, ref))
+    values = [mmd2_unbiased(a, b) for a, b in zip(x.tensor_split(blocks), y.tensor_split(blocks), strict=True)]
+    mean, lo, hi = mean_ci(values)
+    return mean, Interval(lo, hi)

@@ -39,7 +39,7 @@ from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from gm.eval import Classifier, predict, wilson_interval
 from gm.flow import RectifiedFlow
-from gm.frechet import FrechetReference, bootstrap_frechet_interval, frechet_distance
+from gm.frechet import FrechetReference, frechet_distance, kernel_distance
 from gm.model import VAE
 from gm.sampler import Process, SamplerSpec, sample
 from gm.unet import UNet
@@ -81,7 +81,7 @@ class LDMConfig(RunConfig):
     ddpm_samples_per_class: int = bookkeeping(10)  # the same for DDPM-1000 (20x the model calls of DDIM-50)
     reference_size: int = bookkeeping(1000)  # real test images the samples are compared with
     sample_batch_size: int = bookkeeping(1000)  # images generated per sampler call (large batches: more images/s)
-    fd_resamples: int = bookkeeping(200)  # bootstrap resamples of the Frechet distance's confidence interval
+    kid_blocks: int = bookkeeping(10)  # disjoint blocks of the kernel distance's estimate and confidence interval
     ddim_steps: int = bookkeeping(50)
     # DDIM noise of the report's samples: 1 (stochastic), since 2.4's step sweep finds it better than the deterministic
     # eta = 0 at every step count with guidance
@@ -102,8 +102,8 @@ class LDMConfig(RunConfig):
         check(self.max_train is None or self.max_train >= self.batch_size, "max_train must be >= batch_size")
         check(min(self.samples_per_class, self.ddpm_samples_per_class) >= 1 and self.reference_size >= 2,
               "need samples_per_class >= 1, ddpm_samples_per_class >= 1 and reference_size >= 2")
-        check(self.sample_batch_size >= 1 and self.fd_resamples >= 10, "need sample_batch_size >= 1 and "
-              "fd_resamples >= 10")
+        check(self.sample_batch_size >= 1 and self.kid_blocks >= 2, "need sample_batch_size >= 1 and "
+              "kid_blocks >= 2")
         check(1 <= self.ddim_steps <= self.timesteps, f"ddim_steps must be in [1, {self.timesteps}]")
         check(self.ddim_eta >= 0, f"ddim_eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {self.ddim_eta}")
 
@@ -115,7 +115,7 @@ class LDMConfig(RunConfig):
 PRESETS = {
     "smoke": dict(profile="smoke", steps=4, batch_size=16, base_channels=8, attention=False, warmup_steps=1,
                   timesteps=100, max_train=256, eval_interval=0, eval_size=32, samples_per_class=2,
-                  ddpm_samples_per_class=2, reference_size=32, fd_resamples=20, ddim_steps=10, ema_decay=0.9),
+                  ddpm_samples_per_class=2, reference_size=32, ddim_steps=10, ema_decay=0.9),
     # 2-core CPU, a few minutes per data set (CIFAR-10 latents are harder to model than MNIST's, so the budget goes
     # mostly to CIFAR-10). Metrics on 1,000 DDIM samples (100 per class) against 5,000 real test images; DDPM-1000
     # costs 20x more model calls per image, so it gets 5 per class (its CI says so). Sampling in batches of 250 (500
@@ -327,7 +327,7 @@ def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
 
 # Display names of the evaluation rows' machine keys, used only when a table is rendered (`table`).
 DISPLAY_NAMES = {"images_from": "images from", "cond_accuracy": "cond. accuracy", "cond_accuracy_ci": "acc. 95% CI",
-                 "feature_fd": "feature FD", "feature_fd_ci": "FD 95% CI", "images_per_s": "images/s",
+                 "feature_fd": "feature FD", "kid": "KID", "kid_ci": "KID 95% CI", "images_per_s": "images/s",
                  "speed_up": "speed-up", "network_calls": "network calls", "val_loss": "val. loss",
                  "train_steps": "train steps", "train_seconds": "train seconds",
                  "classifier_test_acc": "classifier test acc."}
@@ -380,7 +380,7 @@ def save_class_grid(images: Tensor, labels: Tensor, dataset: str, path: str | Pa
 @dataclass
 class References:
     """What the samples of one LDM are measured against: classifier features of `reference_size` real test
-    images (with their bootstrap resamples), and the baseline rows of `n` other real test images and of their VAE
+    images, and the baseline rows of `n` other real test images and of their VAE
     reconstructions."""
 
     features: FrechetReference  # of (reference_size, feature_dim) features
@@ -388,14 +388,15 @@ class References:
 
 
 def measure(classifier: Classifier, images: Tensor, labels: Tensor, reference: FrechetReference,
-            seed: int = 0) -> dict:
-    """Conditional accuracy (Wilson 95 % CI) and classifier-feature Frechet distance to `reference` (bootstrap
-    95 % CI) of (N, C, H, W) `images` that were asked to be of class `labels` (N,)."""
+            seed: int = 0, kid_blocks: int = 10) -> dict:
+    """Conditional accuracy (Wilson 95 % CI), classifier-feature Frechet distance to `reference` (a point estimate,
+    biased upwards at small N) and kernel distance to it (KID, unbiased, 95 % CI over `kid_blocks` blocks) of
+    (N, C, H, W) `images` that were asked to be of class `labels` (N,)."""
     logits, feats = predict(classifier, images)
     hits = int((logits.argmax(1) == labels.cpu()).sum())
+    kid, kid_ci = kernel_distance(feats, reference, kid_blocks, seed)
     return {"cond_accuracy": hits / len(labels), "cond_accuracy_ci": wilson_interval(hits, len(labels)),
-            "feature_fd": frechet_distance(feats, reference),
-            "feature_fd_ci": bootstrap_frechet_interval(feats, reference, len(reference.resampled), seed)}
+            "feature_fd": frechet_distance(feats, reference), "kid": kid, "kid_ci": kid_ci}
 
 
 @torch.no_grad()
@@ -408,12 +409,12 @@ def references(run: LDMRun, classifier: Classifier, n: int, seed: int = 0) -> Re
         raise ValueError(f"need {cfg.reference_size + n} test images for the reference and baseline sets, the test "
                          f"set has {len(real)}; lower reference_size or samples_per_class")
     idx = subset_indices(len(real), cfg.reference_size + n, seed)
-    reference = FrechetReference.of(predict(classifier, real[idx[: cfg.reference_size]])[1], cfg.fd_resamples, seed)
+    reference = FrechetReference.of(predict(classifier, real[idx[: cfg.reference_size]])[1])
     baseline, baseline_labels = real[idx[cfg.reference_size:]], real_labels[idx[cfg.reference_size:]]
     device = next(run.ema_model.parameters()).device
     recon = torch.cat([run.vae.decode(run.vae.encode(c.to(device))[0]).cpu() for c in baseline.split(500)])
     rows = [{"dataset": cfg.dataset, "images_from": name, "n": n,
-             **measure(classifier, images, baseline_labels, reference, seed)}
+             **measure(classifier, images, baseline_labels, reference, seed, cfg.kid_blocks)}
             for name, images in (("real test images (baseline)", baseline), ("VAE reconstructions of them", recon))]
     return References(reference, rows)
 
@@ -428,12 +429,12 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, Sam
     one count for all samplers or one per name (default: the config's `ddpm_samples_per_class` for a "ddpm" sampler,
     `samples_per_class` for the others). Returns the two reference rows of `refs` (computed if None, with as many
     real images as the largest sample set) and one row per sampler: conditional accuracy (the classifier agrees with
-    the label) and the classifier-feature Frechet distance to `reference_size` other real test images, each with its
-    95 % CI, the guidance scale, the noise level "eta" (DDIM rows), the network calls per image, wall time
-    (sampling and VAE decoding), images/s and the speed-up in images/s over the first sampler. Machine keys
-    (`cond_accuracy`, `images_from`; `table` renders them). Images are generated `sample_batch_size` at a time.
-    With `fig_prefix`, saves the class grid of each sampler as `{fig_prefix}_{name}.png`. progress: sampling
-    progress bars (None: the config's `progress`).
+    the label, Wilson 95 % CI), the classifier-feature Frechet distance and kernel distance (KID, with its 95 % CI)
+    to `reference_size` other real test images, the guidance scale, the noise level "eta" (DDIM rows), the network
+    calls per image, wall time (sampling and VAE decoding), images/s and the speed-up in images/s over the first
+    sampler. Machine keys (`cond_accuracy`, `images_from`; `table` renders them). Images are generated
+    `sample_batch_size` at a time. With `fig_prefix`, saves the class grid of each sampler as
+    `{fig_prefix}_{name}.png`. progress: sampling progress bars (None: the config's `progress`).
     """
     cfg = run.config
     progress = cfg.progress if progress is None else progress
@@ -466,7 +467,7 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, Sam
         ddim = spec.process.sampler_name(spec) == "ddim"
         rows.append({"dataset": cfg.dataset, "images_from": spec.label, "guidance": spec.guidance_scale,
                      **({"eta": spec.eta} if ddim else {}), "network_calls": spec.network_calls, "n": len(labels),
-                     **measure(classifier, images, labels, refs.features, seed),
+                     **measure(classifier, images, labels, refs.features, seed, cfg.kid_blocks),
                      "seconds": seconds, "images_per_s": rate, "speed_up": rate / first_rate})
         if fig_prefix is not None:
             save_class_grid(images, labels, cfg.dataset, f"{fig_prefix}_{name}.png",
@@ -478,7 +479,7 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, Sam
 def summary(rows: list[dict], cfg: LDMConfig) -> dict:
     """The headline numbers of one data set's `evaluate_ldm` rows (for fig/part2_summary.json): accuracies
     (fractions) and distances with their 95 % CIs, sample counts and images/s of the `report_samplers`, keyed by the
-    sampler and its steps as run ("ddim_50_cond_acc", "ddpm_1000_fd_ci", "ddim_10_n" in smoke); the real images and
+    sampler and its steps as run ("ddim_50_cond_acc", "ddpm_1000_kid_ci", "ddim_10_n" in smoke); the real images and
     their VAE reconstructions ("real_*", "recon_*"); DDIM's n, images/s, guidance and eta without a prefix; the
     training steps. "ddim50_*" and "ddpm1000_*" repeat the keys of DDIM-50 and DDPM-1000 where those ran (the
     report's keys). The first row of each sampler counts."""
@@ -497,7 +498,7 @@ def summary(rows: list[dict], cfg: LDMConfig) -> dict:
     for key, row in (*named.items(), ("real", first("real test images (baseline)")),
                      ("recon", first("VAE reconstructions of them"))):
         out |= {f"{key}_cond_acc": row["cond_accuracy"], f"{key}_cond_acc_ci": list(row["cond_accuracy_ci"]),
-                f"{key}_fd": row["feature_fd"], f"{key}_fd_ci": list(row["feature_fd_ci"])}
+                f"{key}_fd": row["feature_fd"], f"{key}_kid": row["kid"], f"{key}_kid_ci": list(row["kid_ci"])}
     for key, row in named.items():
         out |= {f"{key}_n": row["n"], f"{key}_images_per_s": row["images_per_s"]}
     for key in ("ddim_50", "ddpm_1000"):

@@ -3,7 +3,7 @@
 Split as diffusers splits model, scheduler and pipeline. A process (`gm.diffusion.GaussianDiffusion`,
 `gm.flow.RectifiedFlow`) owns its training loss, its time grid and a pure `step` (maths only, no model call); the
 denoiser is any callable `model(x_t, t, y)`; this module owns the loop (`sample`) and the guidance (`guided_output`).
-What to run is one typed `SamplerSpec(process, steps, eta, guidance_scale, solver)`.
+What to run is one typed `SamplerSpec(process, steps, eta, guidance_scale, solver, clip_x0, threshold)`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,13 @@ class SamplerSpec:
     DDPM), the noise scale `eta` (DDIM's; 0 = deterministic), the classifier-free guidance scale w (1 = the
     conditional model, 0 = the unconditional one), the `solver` ("euler": one network call per step, the process's
     own `step`; "heun": Heun's second-order correction, two calls per step, for processes whose step is an Euler
-    step of an ODE) and the label meaning "no label" (None: `model.num_classes`)."""
+    step of an ODE) and the label meaning "no label" (None: `model.num_classes`).
+
+    `clip_x0` and `threshold` limit the predicted clean sample x0_hat at every step, for processes that support it
+    (`limits_x0`, the DDPM): clip_x0 = c clips x0_hat to [-c, c] (diffusers' `clip_sample`, range c in the units of
+    the sampled tensor: normalised latents here); with `threshold` = p as well, dynamic thresholding (Imagen; diffusers'
+    `thresholding` with `dynamic_thresholding_ratio` p): per sample s = max(c, p-quantile of |x0_hat|), x0_hat is
+    clamped to [-s, s] and scaled by c / s. The step then re-derives eps from the limited x0_hat."""
 
     process: Process
     steps: int | None = None
@@ -76,6 +82,8 @@ class SamplerSpec:
     guidance_scale: float = 1.0
     solver: str = "euler"
     null_label: int | None = None
+    clip_x0: float | None = None
+    threshold: float | None = None
 
     def __post_init__(self):
         if self.eta < 0:
@@ -85,7 +93,20 @@ class SamplerSpec:
         if self.solver not in self.process.solvers:
             raise ValueError(f"solver {self.solver!r} is not available for {type(self.process).__name__}; choose "
                              f"one of {self.process.solvers}")
+        if self.clip_x0 is not None or self.threshold is not None:
+            if not getattr(self.process, "limits_x0", False):
+                raise ValueError(f"{type(self.process).__name__} has no clean-sample estimate to clip: clip_x0 and "
+                                 "threshold need a process with limits_x0 (GaussianDiffusion)")
+            if self.clip_x0 is None or self.clip_x0 <= 0:
+                raise ValueError(f"clip_x0 must be > 0 (and is needed by threshold), got {self.clip_x0}")
+            if self.threshold is not None and not 0 < self.threshold < 1:
+                raise ValueError(f"threshold is a quantile in (0, 1), got {self.threshold}")
         self.process.time_grid(self.steps)  # a bad step count fails here, before any sampling
+
+    @property
+    def step_options(self) -> dict[str, float]:
+        """Keyword arguments of the process's `step` beyond eta: the x0 limits, when set."""
+        return {} if self.clip_x0 is None else {"clip_x0": self.clip_x0, "threshold": self.threshold}
 
     @property
     def num_steps(self) -> int:
@@ -104,9 +125,11 @@ class SamplerSpec:
 
     @property
     def label(self) -> str:
-        """Display name: "DDIM-50", "DDPM-1000", "Flow Heun-5"."""
+        """Display name: "DDIM-50", "DDPM-1000", "Flow Heun-5", "DDIM-50 x0 clip 3", "DDIM-50 x0 thr. 0.995"."""
         kind = self.process.sampler_name(self).replace("_", " ")
-        return f"{kind.upper() if ' ' not in kind else kind.title()}-{self.num_steps}"
+        limit = ("" if self.clip_x0 is None else f" x0 clip {self.clip_x0:g}" if self.threshold is None
+                 else f" x0 thr. {self.threshold:g}")
+        return f"{kind.upper() if ' ' not in kind else kind.title()}-{self.num_steps}{limit}"
 
 
 def guided_output(model: Denoiser, x_t: Tensor, t: Tensor, y: Tensor | None, guidance_scale: float = 1.0,
@@ -164,5 +187,5 @@ def sample(model: Denoiser, spec: SamplerSpec, shape: tuple[int, ...], y: Tensor
         if spec.solver == "heun":
             x_euler = process.step(out, t_batch, t_prev, x).prev_sample
             out = (out + output(x_euler, t_prev)[1]) / 2
-        x = process.step(out, t_batch, t_prev, x, eta=spec.eta, generator=generator).prev_sample
+        x = process.step(out, t_batch, t_prev, x, eta=spec.eta, generator=generator, **spec.step_options).prev_sample
     return x

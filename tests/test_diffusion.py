@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from gm.diffusion import GaussianDiffusion, beta_schedule, guided_output
+from gm.diffusion import GaussianDiffusion, beta_schedule, guided_output, limit_x0
+from gm.sampler import SamplerSpec, sample
 
 DATA_MEAN, DATA_STD = 2.0, 0.5
 
@@ -247,6 +248,40 @@ def test_step_is_pure_and_validates_its_arguments():
         diffusion.step(output, 50, 30, xt, 0.5)  # eta is keyword-only
     with pytest.raises(TypeError):
         diffusion.sample(_toy_model, (2, 3), None, "ddim")  # sampler options are keyword-only
+
+
+def test_limit_x0_clips_or_thresholds_by_hand():
+    x0 = torch.tensor([[0.5, -4.0, 2.0, 10.0], [1.0, -1.0, 0.5, 2.0]])
+    assert torch.equal(limit_x0(x0, 3.0), torch.tensor([[0.5, -3.0, 2.0, 3.0], [1.0, -1.0, 0.5, 2.0]]))
+    # threshold 0.75: per row s = max(3, 0.75-quantile of |x0|); row 0: |x0| sorted 0.5, 2, 4, 10 -> quantile
+    # 4 + 0.25 (10 - 4) = 5.5, clamp to [-5.5, 5.5] and scale by 3 / 5.5; row 1 stays inside: s = 3, unchanged
+    thresholded = limit_x0(x0, 3.0, threshold=0.75)
+    assert torch.allclose(thresholded[0], torch.tensor([0.5, -4.0, 2.0, 5.5]) * 3 / 5.5)
+    assert torch.equal(thresholded[1], x0[1]) and thresholded.abs().max() <= 3.0
+
+
+def test_clipped_step_rederives_eps_from_the_clipped_x0():
+    diffusion = GaussianDiffusion(timesteps=100)
+    xt, output = 3 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), torch.randn(4, 2)
+    t, t_prev = torch.full((4,), 90), torch.full((4,), 60)
+    free = diffusion.step(output, t, t_prev, xt)
+    assert torch.allclose(diffusion.step(output, t, t_prev, xt, clip_x0=1e9).prev_sample, free.prev_sample, atol=1e-5)
+    clipped = diffusion.step(output, t, t_prev, xt, clip_x0=1.0)
+    x0 = free.pred_x0.clamp(-1, 1)
+    a, s = diffusion.sqrt_alphas_cumprod[90], diffusion.sqrt_one_minus_alphas_cumprod[90]
+    eps = (xt - a * x0) / s
+    assert torch.equal(clipped.pred_x0, x0) and free.pred_x0.abs().max() > 1
+    assert torch.allclose(clipped.prev_sample, diffusion.ddim_update(x0, eps, t, t_prev, 0.0), atol=1e-6)
+    # the sampler passes the spec's limits to the step; a process without an x0 estimate rejects them
+    spec = SamplerSpec(diffusion, 10, clip_x0=0.5, threshold=0.9)
+    assert spec.label == "DDIM-10 x0 thr. 0.9" and spec.name == "ddim_10"
+    x = sample(lambda x, t, y: torch.zeros_like(x), spec, (8, 3), progress=False,
+               generator=torch.Generator().manual_seed(0))
+    assert x.abs().max() <= 0.5 + 1e-5  # eps = 0 model: the last step returns the limited x0
+    with pytest.raises(ValueError, match="clip_x0"):
+        SamplerSpec(diffusion, 10, threshold=0.9)
+    with pytest.raises(ValueError, match="quantile"):
+        SamplerSpec(diffusion, 10, clip_x0=1.0, threshold=1.5)
 
 
 @pytest.mark.parametrize(("prediction", "sampler", "steps", "eta"), [

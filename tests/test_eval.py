@@ -6,7 +6,7 @@ import torch
 
 from common.checks import wilson_interval
 from gm.eval import Classifier, accuracy, classifier_config, load_or_train_classifier, predict, random_translate
-from gm.frechet import FrechetReference, bootstrap_frechet_interval, frechet_distance, frechet_distance_from_stats
+from gm.frechet import FrechetReference, frechet_distance, frechet_distance_from_stats, kernel_distance, mmd2_unbiased
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -80,45 +80,38 @@ def test_wilson_interval_covers_the_true_rate():
     assert 0.93 <= covered / trials <= 0.97  # nominal 95 %
 
 
-def test_bootstrap_interval_of_the_frechet_distance_covers_the_known_answer():
+def test_kernel_distance_is_unbiased_and_its_interval_contains_the_estimate():
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(4000, 4, generator=gen), torch.randn(4000, 4, generator=gen)
-    shifted = b + torch.tensor([2.0, 0, 0, 0])  # true distance 4
-    lo, hi = bootstrap_frechet_interval(a, shifted, resamples=100)
-    assert lo < frechet_distance(a, shifted) < hi and lo < 4.0 < hi and hi - lo < 0.6
-    lo, hi = bootstrap_frechet_interval(a, 3 * b, resamples=100)  # true distance 4 * (3 - 1)^2 = 16
-    assert lo < 16.0 < hi
-    # fewer samples, a wider interval; the same seed, the same interval
-    small = bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100)
-    assert small.hi - small.lo > hi - lo or small.hi - small.lo > 0.6
-    assert bootstrap_frechet_interval(a[:400], shifted[:400], resamples=100) == small
-    with pytest.raises(ValueError, match="resamples"):
-        bootstrap_frechet_interval(a, b, resamples=2)
+    a, b = torch.randn(400, 8, generator=gen), torch.randn(2000, 8, generator=gen)
+    kid, (lo, hi) = kernel_distance(a, b, blocks=10)
+    assert lo < kid < hi and lo < 0.0 < hi  # one distribution: 0 is inside, although the plug-in FD is > 0
+    assert frechet_distance(a, b) > 0.02
+    far, (far_lo, far_hi) = kernel_distance(a + 1.0, b, blocks=10)
+    assert far_lo > hi and far_lo < far < far_hi
+    assert kernel_distance(a + 1.0, b, blocks=10) == (far, (far_lo, far_hi))  # the same seed, the same blocks
+    ref = FrechetReference.of(b)  # a shared reference gives the same values as its features
+    assert kernel_distance(a, ref, blocks=10)[0] == kid and len(ref) == 2000
+    with pytest.raises(ValueError, match="blocks"):
+        kernel_distance(a[:10], b, blocks=10)
+
+
+def test_unbiased_mmd_of_one_block_pair_by_hand():
+    x, y = torch.tensor([[1.0], [0.0]]), torch.tensor([[2.0], [1.0]])  # D = 1: k(a, b) = (a b + 1)^3
+    k = lambda a, b: (a * b + 1) ** 3  # noqa: E731
+    by_hand = 2 * k(1, 0) / 2 + 2 * k(2, 1) / 2 - 2 * (k(1, 2) + k(1, 1) + k(0, 2) + k(0, 1)) / 4
+    assert mmd2_unbiased(x.double(), y.double()) == pytest.approx(by_hand)
 
 
 def test_a_shared_frechet_reference_gives_the_same_distances_as_its_features():
-    # the reference's statistics and resamples are computed once and reused by every comparison with it
+    # the reference's statistics are computed once and reused by every comparison with it
     gen = torch.Generator().manual_seed(2)
     a, b = torch.randn(500, 8, generator=gen), 1.5 * torch.randn(2000, 8, generator=gen)
-    ref = FrechetReference.of(b, resamples=50, seed=1)
-    assert len(ref) == 2000 and len(ref.resampled) == 50
+    ref = FrechetReference.of(b)
+    assert len(ref) == 2000
     assert frechet_distance(a, ref) == pytest.approx(frechet_distance(a, b), rel=1e-9)
     assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)  # symmetric
-    assert bootstrap_frechet_interval(a, ref, resamples=50, seed=0) == bootstrap_frechet_interval(a, b, 50, seed=0)
-    with pytest.raises(ValueError, match="resamples=100"):
-        bootstrap_frechet_interval(a, ref, resamples=100)
     with pytest.raises(ValueError, match="same D"):
-        bootstrap_frechet_interval(a[:, :4], ref, resamples=50)
-
-
-def test_bootstrap_interval_corrects_the_upward_bias_of_the_plug_in_distance():
-    # two samples of one distribution: the population distance is 0, the plug-in distance is > 0, and resampling
-    # inflates it further; the percentile interval would lie wholly above the plug-in value, the basic one covers 0
-    gen = torch.Generator().manual_seed(1)
-    a, b = torch.randn(300, 16, generator=gen), torch.randn(300, 16, generator=gen)
-    estimate = frechet_distance(a, b)
-    lo, hi = bootstrap_frechet_interval(a, b, resamples=100)
-    assert estimate > 0.5 and lo == 0.0 and hi < estimate
+        frechet_distance(a[:, :4], ref)
 
 
 def test_random_translate_shifts_each_image_by_at_most_pad():

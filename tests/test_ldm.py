@@ -82,8 +82,9 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
     # baselines: as many real images as DDIM generates; DDPM: its own (smaller) count
     assert [r["n"] for r in rows] == [30, 30, 20, 30]
     for row in rows:
-        (acc_lo, acc_hi), (fd_lo, fd_hi) = row["cond_accuracy_ci"], row["feature_fd_ci"]
-        assert 0 <= acc_lo <= row["cond_accuracy"] <= acc_hi <= 1 and 0 <= fd_lo < fd_hi and row["feature_fd"] >= 0
+        (acc_lo, acc_hi), (kid_lo, kid_hi) = row["cond_accuracy_ci"], row["kid_ci"]
+        assert 0 <= acc_lo <= row["cond_accuracy"] <= acc_hi <= 1 and kid_lo < row["kid"] < kid_hi
+        assert row["feature_fd"] >= 0
     assert rows[2]["speed_up"] == 1.0 and rows[3]["images_per_s"] > 0
     assert [r["network_calls"] for r in rows[2:]] == [20, 5]
     assert (tmp_path / "ldm_mnist_ddpm.png").is_file() and (tmp_path / "ldm_mnist_ddim.png").is_file()

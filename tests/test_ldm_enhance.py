@@ -141,8 +141,8 @@ def test_shared_references_give_the_same_rows(tiny):
     refs = reference_rows(run, classifier, cfg)
     assert len(refs.features) == run.config.reference_size and [r["n"] for r in refs.rows] == [30, 30]
     shared, fresh = weights_comparison(run, classifier, cfg, refs=refs), weights_comparison(run, classifier, cfg)
-    fd = [(r["feature_fd"], r["feature_fd_ci"]) for r in shared]
-    assert fd == [(r["feature_fd"], r["feature_fd_ci"]) for r in fresh]
+    fd = [(r["feature_fd"], r["kid"], r["kid_ci"]) for r in shared]
+    assert fd == [(r["feature_fd"], r["kid"], r["kid_ci"]) for r in fresh]
 
 
 def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):
