@@ -1,15 +1,16 @@
 """Task 1.4: the comparison studies of the LM pipeline, each enhancement against its baseline on the same data and
 budget (`notebooks/1_4_lm_enhancement.ipynb`).
 
-- `compare_finetuning`: LoRA vs full fine-tuning (trainable parameters, peak memory, speed, validation loss);
-- `compare_preference_losses`: DPO at another beta, IPO (and conservative DPO), each trained like 1.3's DPO and
-  evaluated like it, on held-out prompts by the oracle reward: reward, KL from the SFT model (the reward-KL
-  frontier), win rate against SFT, fluency;
+- `compare_finetuning`: what LoRA saves against full fine-tuning (trainable parameters, peak memory, speed) over a
+  few steps; no quality comparison (that needs each method's tuned learning rate over a real run);
+- `compare_preference_losses`: DPO at several beta and IPO, each over several training seeds, trained like 1.3's DPO
+  and evaluated like it, on held-out prompts by the oracle reward: reward and KL from the SFT model with their CIs
+  (the reward-KL frontier), win rate against SFT, fluency;
 - `compare_decoding`: greedy vs temperature/top-k vs nucleus sampling (oracle reward, distinct-n, length,
   reference log-prob per token).
 
 Everything else comes from its own module: models and training from `fm.sft` / `fm.dpo`, the policy evaluation from
-`fm.dpo_analysis`, sampling and the KV-cache benchmark from `fm.generate`, distinct-n and confidence intervals from
+`fm.dpo_analysis`, sampling from `fm.generate`, distinct-n and confidence intervals from
 `fm.metrics`, memory probing from `common.memory`, bar plots from `common.plotting`.
 """
 
@@ -44,20 +45,20 @@ class LMEnhanceConfig:
     """Settings of the three comparisons of task 1.4 (`lm_enhance_config(profile)` picks a preset)."""
 
     profile: str = "quick"  # the SFT / DPO profile whose models, data and presets the experiments reuse
-    # 1. LoRA vs full fine-tuning: the SFT setup of `profile` for `ft_steps` steps from the pretrained model
-    ft_steps: int = 4
+    # 1. LoRA vs full fine-tuning, costs only: the SFT setup of `profile` for `ft_steps` steps from the pretrained model
+    ft_steps: int = 3
     ft_eval_examples: int = 8
-    full_lr: float = 5e-5  # a usual full fine-tuning lr for a ~100M model
+    full_lr: float = 5e-5  # a usual full fine-tuning lr for a ~100M model (the cost does not depend on it)
     lora_lr: float = 5e-4  # adapters start at zero and take larger steps (the 1.2 quick preset's LoRA settings)
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    # 2. preference losses: `train_dpo` of `profile` (its pairs, steps, lr, batches) with (loss, beta) swapped, one
-    # run each, evaluated on the DPO config's held-out test prompts as 1.3's DPO is
-    variants: tuple[tuple[str, float], ...] = (("dpo", 5.0), ("ipo", 0.1))
+    # 2. preference losses: `train_dpo` of `profile` (its pairs, steps, lr, batches) with (loss, beta) swapped, once
+    # per training seed, evaluated on the DPO config's held-out test prompts as 1.3's DPO is; the (loss, beta, seed)
+    # of 1.3's run is 1.3's run, loaded from its folder
+    variants: tuple[tuple[str, float], ...] = (("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0), ("ipo", 0.1))
+    seeds: tuple[int, ...] = (0, 1)  # training seeds (LoRA init, batch order); the pairs and prompts stay the same
     label_smoothing: float = 0.1  # cDPO's assumed fraction of flipped labels
-    pref_val_pairs: int = 64  # validation pairs per run: the first ones of 1.3's (already sampled)
-    # 3. decoding: KV cache timing (fm.generate.kv_cache_benchmark) and sampling strategies on DPO and SFT
-    cache_new_tokens: tuple[int, ...] = (8, 16, 32)
+    # 3. decoding: sampling strategies on DPO and SFT (the KV cache is timed in 1.0)
     decode_prompts: int = 6  # held-out prompts (the homework prompt first)
     max_new_tokens: int = 32
     decode_batch_size: int = 8
@@ -65,10 +66,10 @@ class LMEnhanceConfig:
 
     def __post_init__(self):
         for name in ("ft_steps", "ft_eval_examples", "lora_rank", "decode_prompts", "max_new_tokens",
-                     "decode_batch_size", "pref_val_pairs"):
+                     "decode_batch_size"):
             check(getattr(self, name) > 0, f"LMEnhanceConfig.{name} must be positive, got {getattr(self, name)}")
         check(min(self.full_lr, self.lora_lr, self.lora_alpha) > 0, "lrs and lora_alpha must be > 0")
-        check(all(n > 0 for n in self.cache_new_tokens), f"cache_new_tokens must be positive: {self.cache_new_tokens}")
+        check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct: {self.seeds}")
         unknown = {loss for loss, _ in self.variants} - set(PREFERENCE_LOSSES)
         check(not unknown, f"unknown preference variants {sorted(unknown)}; choose from {sorted(PREFERENCE_LOSSES)}")
         check(len(self.variants) > 0 and all(beta > 0 for _, beta in self.variants),
@@ -79,13 +80,13 @@ class LMEnhanceConfig:
 
 PRESETS = {
     "smoke": dict(profile="smoke", ft_steps=2, ft_eval_examples=4, full_lr=1e-3, lora_lr=1e-2, lora_rank=4,
-                  lora_alpha=8.0, variants=(("dpo", 0.5), ("cdpo", 0.1), ("ipo", 0.1)), pref_val_pairs=4,
-                  cache_new_tokens=(4, 8), decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
+                  lora_alpha=8.0, variants=(("dpo", 0.1), ("dpo", 0.5), ("cdpo", 0.1), ("ipo", 0.1)), seeds=(0, 1),
+                  decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
     "quick": dict(profile="quick"),
     "full": dict(profile="full", ft_steps=200, ft_eval_examples=256,
-                 variants=(("dpo", 0.05), ("dpo", 0.5), ("dpo", 5.0), ("cdpo", 0.1), ("ipo", 0.1), ("ipo", 0.5)),
-                 pref_val_pairs=512,
-                 cache_new_tokens=(64, 128, 256, 512), decode_prompts=256, max_new_tokens=128, decode_batch_size=32),
+                 variants=(("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0), ("dpo", 5.0), ("cdpo", 0.1),
+                           ("ipo", 0.1), ("ipo", 0.5)), seeds=(0, 1, 2),
+                 decode_prompts=256, max_new_tokens=128, decode_batch_size=32),
 }
 
 
@@ -102,22 +103,22 @@ def _mean_after_first(values: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------------------- 1. LoRA vs full
 @dataclass
 class Comparison:
-    """A table (one row per method) and the curves behind the figure ({label: (steps, values)})."""
+    """A table (one row per method) and what stands behind it."""
 
     rows: list[dict]
-    curves: dict[str, tuple[list, list]] = field(default_factory=dict)
     samples: dict[str, str] = field(default_factory=dict)  # example generations, for the decoding comparison
-    models: dict[str, nn.Module] = field(default_factory=dict)  # trained models worth reusing, by row name
     evals: dict[str, PolicyEval] = field(default_factory=dict)  # held-out evaluations, by row name
 
 
 def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
-    """Full fine-tuning vs LoRA: the SFT run of `cfg.profile`, same data, batches and step budget, fresh model each.
+    """What LoRA saves against full fine-tuning: the SFT run of `cfg.profile` for `cfg.ft_steps` steps, same data and
+    batches, fresh model each.
 
-    Measured per method: trainable parameters, peak extra memory of the training loop (`peak_memory`), mean step
-    time, tokens/s, validation loss before and after. Runs: checkpoint_dir()/sft/enhance_<method>_<profile>_<digest>/.
+    Measured per method: trainable parameters, peak extra memory of the training loop (`peak_memory`), mean step time
+    and tokens/s. The losses of so few steps at untuned learning rates say nothing about quality, so none is reported.
+    Runs: checkpoint_dir()/sft/enhance_<method>_<profile>_<digest>/.
     """
-    rows, curves = [], {}
+    rows = []
     for method, rank, lr in (("full", 0, cfg.full_lr), (f"LoRA r={cfg.lora_rank}", cfg.lora_rank, cfg.lora_lr)):
         sft_cfg = sft_config(cfg.profile, run_name=f"enhance_{'lora' if rank else 'full'}_{cfg.profile}",
                              steps=cfg.ft_steps, warmup_steps=min(2, cfg.ft_steps - 1), lr=lr, lora_rank=rank,
@@ -127,52 +128,68 @@ def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
         trainable, total = count_parameters(setup.model, trainable_only=True), count_parameters(setup.model)
         with peak_memory(setup.trainer.device) as mem:
             setup.trainer.fit(setup.step_fn, setup.eval_fn)
-        train, evals = setup.trainer.train_log, setup.trainer.eval_log.rows
+        train = setup.trainer.train_log
         rows.append({
-            "method": method, "lr": lr, "trainable params": trainable, "trainable %": 100 * trainable / total,
-            "peak extra memory (MB)": mem["peak_mb"], "s / step": _mean_after_first(train.column("step_time")[1]),
+            "method": method, "steps": cfg.ft_steps, "trainable params": trainable,
+            "trainable %": 100 * trainable / total, "peak extra memory (MB)": mem["peak_mb"],
+            "s / step": _mean_after_first(train.column("step_time")[1]),
             "tokens / s": _mean_after_first(train.column("tokens_per_s")[1]),
-            "val loss start": evals[0]["val_loss"], "val loss end": evals[-1]["val_loss"],
         })
-        curves[f"{method}: train loss"] = train.column("loss")
-        curves[f"{method}: val loss"] = setup.trainer.eval_log.column("val_loss")
         print(f"{method}: memory measured as {mem['method']}")
         del setup
-    return Comparison(rows, curves)
+    return Comparison(rows)
 
 
 # ---------------------------------------------------------------------------------------------- 2. preference losses
 def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Sequence[str],
                               reference: nn.Module | None = None, tokenizer=None) -> Comparison:
-    """`train_dpo` of `cfg.profile` once per (loss, beta) of `cfg.variants` (same SFT start, pairs, batches, steps
-    and lr as 1.3's run), each policy evaluated by `fm.dpo_analysis.evaluate_policy` on `prompts` with the seed of
-    `sft` (the SFT model's evaluation on them): oracle reward with its CI, KL from the SFT model, fluency, and the
-    win rate against SFT. The losses use the summed log-ratios of the papers (`DPOConfig.length_normalize` off).
+    """`train_dpo` of `cfg.profile` once per (loss, beta) of `cfg.variants` and training seed of `cfg.seeds` (same SFT
+    start, pairs, batches, steps and lr as 1.3's run; the run of 1.3's own (loss, beta, seed) is 1.3's, loaded from
+    its folder), each policy evaluated by `fm.dpo_analysis.evaluate_policy` on `prompts` with the seed of `sft` (the
+    SFT model's evaluation on them): oracle reward and KL from the SFT model with their CIs, fluency, and the win rate
+    against SFT. The losses use the summed log-ratios of the papers (`DPOConfig.length_normalize` off).
     `reference`/`tokenizer`: the SFT model of the profile if already loaded (else `train_dpo` loads it).
 
-    Rows also hold the final validation reward accuracy and the mean step time; `evals` keeps each evaluation (the
-    frontier points), `models` each trained policy, by row name.
+    Rows also hold the seed, the final validation reward accuracy and the mean step time; `evals` keeps each
+    evaluation (the frontier points), by row name.
     """
-    rows, models, evals = [], {}, {}
+    rows, evals = [], {}
+    base = dpo_config(cfg.profile)
     for loss, beta in cfg.variants:
-        base = dpo_config(cfg.profile)
-        dcfg = dpo_config(cfg.profile, run_name=f"enhance_{loss}_{cfg.profile}", loss=loss, beta=beta,
-                          label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0,
-                          val_pairs=min(cfg.pref_val_pairs, base.val_pairs), eval_interval=0, seed=cfg.seed)
-        result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
-        name = f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}"
-        ev = evaluate_policy(name, result.policy, result.reference, result.tokenizer, prompts, base.reply_tokens,
-                             seed=cfg.seed, batch_size=base.sample_batch_size, cache=True)
-        rate, low, high = win_rate(ev.rewards, sft.rewards)
-        rows.append({"loss": LOSS_NAMES[loss], "beta": beta, **ev.summary(), "win rate vs SFT": rate,
-                     "win CI low": low, "win CI high": high,
-                     "val reward acc": result.trainer.eval_log.rows[-1]["val_rewards/accuracies"],
-                     "train pairs": len(result.train_data),
-                     "s / step": _mean_after_first(result.trainer.train_log.column("step_time")[1])})
-        models[name], evals[name] = result.policy, ev
-        del result
-        gc.collect()
-    return Comparison(rows, models=models, evals=evals)
+        for seed in cfg.seeds:
+            dcfg = dpo_config(cfg.profile, loss=loss, beta=beta, seed=seed,
+                              label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0)
+            result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
+            name = (f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}, "
+                    f"seed {seed}")
+            ev = evaluate_policy(name, result.policy, result.reference, result.tokenizer, prompts, base.reply_tokens,
+                                 seed=base.seed, batch_size=base.sample_batch_size, cache=True)
+            rate, low, high = win_rate(ev.rewards, sft.rewards)
+            rows.append({"loss": LOSS_NAMES[loss], "beta": beta, "seed": seed, **ev.summary(),
+                         "win rate vs SFT": rate, "win CI low": low, "win CI high": high,
+                         "val reward acc": result.trainer.eval_log.rows[-1]["val_rewards/accuracies"],
+                         "train pairs": len(result.train_data),
+                         "s / step": _mean_after_first(result.trainer.train_log.column("step_time")[1])})
+            evals[name] = ev
+            del result
+            gc.collect()
+    return Comparison(rows, evals=evals)
+
+
+def seed_spread(rows: Sequence[dict], keys: Sequence[str] = ("reward", "KL", "win rate vs SFT", "val reward acc")
+                ) -> list[dict]:
+    """One row per (loss, beta) of `compare_preference_losses`' rows: the number of training seeds and, per metric of
+    `keys`, the mean over seeds and the spread (max - min)."""
+    out = []
+    for loss, beta in dict.fromkeys((r["loss"], r["beta"]) for r in rows):
+        mine = [r for r in rows if (r["loss"], r["beta"]) == (loss, beta)]
+        row = {"loss": loss, "beta": beta, "seeds": len(mine)}
+        for key in keys:
+            values = [r[key] for r in mine]
+            row[f"{key} mean"] = statistics.fmean(values)
+            row[f"{key} spread"] = max(values) - min(values)
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 3. decoding
@@ -193,8 +210,10 @@ def compare_decoding(models: dict[str, nn.Module], reference: nn.Module, tokeniz
                      max_new_tokens: int, batch_size: int = 16, seed: int = 0,
                      strategies: dict[str, dict] = STRATEGIES) -> Comparison:
     """Each model's one-line replies to `prompts` under each decoding strategy (`fm.generate.sample_completions`),
-    scored by the oracle reward (mean and 95 % CI half-width over prompts), word distinct-1/2, mean length and the
-    `reference` (SFT) model's log-prob per reply token. `samples` holds the replies to the first prompt."""
+    scored by the oracle reward (mean and 95 % CI half-width over prompts), word distinct-1/2 pooled over the replies
+    (low when replies repeat each other or themselves), distinct-2 within a reply averaged over the replies (low only
+    when a reply loops), mean length and the `reference` (SFT) model's log-prob per reply token. `samples` holds the
+    replies to the first prompt."""
     rows, samples = [], {}
     pad = padding_id(tokenizer)
     for model_name, model in models.items():
@@ -206,6 +225,8 @@ def compare_decoding(models: dict[str, nn.Module], reference: nn.Module, tokeniz
             rows.append({
                 "model": model_name, "decoding": name, "oracle reward": reward, "reward CI +-": reward - low,
                 "distinct-1": distinct_n(words, 1), "distinct-2": distinct_n(words, 2),
+                "distinct-2 within a reply": statistics.fmean([distinct_n([w], 2) for w in words if len(w) > 1]
+                                                              or [0.0]),
                 "mean words": statistics.fmean(len(w) for w in words),
                 "ref log-prob / token": ref_logps.sum().item() / sum(len(c) for c in out.completion_ids),
             })

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import dist, get_device, get_profile, make_config, seed_everything
-from common.config import bookkeeping, check
+from common.config import added_field, bookkeeping, check
 from common.steps import Batch, make_eval_fn, make_step_fn
 from common.trainer import EvalFn, StepFn, Trainer
 from fm.logps import PreferenceData, concatenated_logps, reference_data
@@ -170,6 +170,7 @@ class DPOConfig(LMTrainConfig):
     label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels
     length_normalize: bool = False  # IPO only: log-ratios divided by the completion's tokens, as TRL's IPO does
     train_pairs: int = 0  # fixed sources (hh, chitchat): first n training pairs of a seeded shuffle (0 = all)
+    pair_seed: int = added_field(0)  # seeds the pairs (sampling or shuffle); `seed` the training (init, batch order)
     val_pairs: int = 48  # held-out pairs for the validation metrics
     eval_batch_size: int = 8  # pairs per validation / reference batch
     # on-policy "sentiment" pairs (fm.preference.sentiment_pairs) and the policy evaluation
@@ -293,8 +294,8 @@ def preference_pairs(cfg: DPOConfig, reference: nn.Module, tokenizer) -> tuple[l
     `reference`, the SFT policy (`fm.preference.sentiment_pairs`, cached)."""
     source = resolve_pair_source(cfg.data_source)
     if source != "sentiment":
-        return (load_preference_pairs("train", source, cfg.train_pairs or None, cfg.seed),
-                load_preference_pairs("validation", source, cfg.val_pairs, cfg.seed))
+        return (load_preference_pairs("train", source, cfg.train_pairs or None, cfg.pair_seed),
+                load_preference_pairs("validation", source, cfg.val_pairs, cfg.pair_seed))
     world = dist.world_size()  # the ranks share out each batch of prompts (`sentiment_pairs`)
     if cfg.sample_batch_size % (2 * world):
         raise ValueError(f"sample_batch_size {cfg.sample_batch_size} replies answer {cfg.sample_batch_size / 2:g} "
@@ -302,7 +303,7 @@ def preference_pairs(cfg: DPOConfig, reference: nn.Module, tokenizer) -> tuple[l
                          f"NPROC={world}; a rank needs a whole number of pairs (both replies of a prompt): set "
                          f"sample_batch_size to a multiple of {2 * world}")
     sampling = dict(max_new_tokens=cfg.reply_tokens, margin=cfg.tie_margin, batch_size=cfg.sample_batch_size // 2,
-                    seed=cfg.seed)
+                    seed=cfg.pair_seed)
     return (sentiment_pairs(reference, tokenizer, "train", cfg.sampled_pairs, **sampling),
             sentiment_pairs(reference, tokenizer, "validation", cfg.val_pairs, **sampling))
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common import cache_dir
-from common.checks import mean_ci
+from common.checks import mean_ci, wilson_interval
 from common.config import json_digest
 from common.io import atomic_save, merge_json
 from common.params import weights_digest
@@ -223,57 +223,97 @@ def compare_to_baseline(evals: Sequence[PolicyEval], baseline: PolicyEval) -> li
     return rows
 
 
+def length_controlled_win_rate(policy: PolicyEval, baseline: PolicyEval) -> tuple[float, float, float]:
+    """Win rate of `policy` over `baseline` (rate, 95 % CI low, high; ties count half) with both replies to each
+    prompt cut to the word count of the shorter one and scored again by the oracle: a policy that wins only by
+    writing longer replies (more room for positive words) drops to about 0.5 here."""
+    if policy.completions.prompts != baseline.completions.prompts:
+        raise ValueError(f"{policy.name} and {baseline.name} were evaluated on different prompts")
+    cut_a, cut_b = [], []
+    for a, b in zip(policy.completions.replies, baseline.completions.replies, strict=True):
+        words_a, words_b = a.split(), b.split()
+        n = min(len(words_a), len(words_b))
+        cut_a.append(" ".join(words_a[:n]))
+        cut_b.append(" ".join(words_b[:n]))
+    return win_rate(sentiment_reward(cut_a), sentiment_reward(cut_b))
+
+
 def plot_frontier(points: Sequence[dict], baseline: dict, path: str | Path, title: str) -> Path:
-    """Mean oracle reward against KL(pi || pi_ref), one line per method through its betas (labelled), the SFT
-    reference at KL 0. `points`: dicts with method, beta, kl, reward; `baseline`: {"reward": ...}."""
-    fig, ax = new_figure(figsize=(6, 4))
-    ax.scatter([0.0], [baseline["reward"]], color="black", marker="s", zorder=3, label="SFT (reference)")
-    for method in dict.fromkeys(p["method"] for p in points):
-        mine = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
-        line = ax.plot([0.0] + [p["kl"] for p in mine], [baseline["reward"]] + [p["reward"] for p in mine],
-                       marker="o", label=method.upper())[0]
-        for p in mine:
-            ax.annotate(f"beta={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10),
-                        fontsize=8, color=line.get_color())
-    ax.set_title(title, fontsize=10)
-    ax.set(xlabel="KL(pi || pi_ref) per reply (nats), estimated on the policy's samples",
+    """Mean oracle reward against KL(pi || pi_ref) with 95 % CIs on both (error bars): one colour per (method, beta),
+    one marker per training seed, a line per method through its per-beta means, and the SFT reference at KL 0.
+    `points`: `frontier_point` dicts; `baseline`: {"reward": ..., "reward_ci": [lo, hi]}."""
+    fig, ax = new_figure(figsize=(7, 4.5))
+    low, high = baseline["reward_ci"]
+    ax.errorbar([0.0], [baseline["reward"]], yerr=[[baseline["reward"] - low], [high - baseline["reward"]]],
+                color="black", marker="s", capsize=3, zorder=3, label="SFT (reference)")
+    markers = "osD^v<>"
+    seeds = sorted({p["seed"] for p in points})
+    keys = list(dict.fromkeys((p["method"], p["beta"]) for p in points))
+    colors = {key: f"C{i % 10}" for i, key in enumerate(keys)}
+    for method in dict.fromkeys(m for m, _ in keys):
+        means = []
+        for key in (k for k in keys if k[0] == method):
+            mine = [p for p in points if (p["method"], p["beta"]) == key]
+            for p in mine:
+                ax.errorbar(p["kl"], p["reward"], xerr=[[p["kl"] - p["kl_ci"][0]], [p["kl_ci"][1] - p["kl"]]],
+                            yerr=[[p["reward"] - p["reward_ci"][0]], [p["reward_ci"][1] - p["reward"]]],
+                            color=colors[key], marker=markers[seeds.index(p["seed"]) % len(markers)], capsize=2,
+                            alpha=0.8, linestyle="none",
+                            label=f"{method.upper()}, beta={key[1]:g}" if p is mine[0] else None)
+            means.append((statistics.fmean(p["kl"] for p in mine), statistics.fmean(p["reward"] for p in mine)))
+        means.sort()
+        ax.plot([m[0] for m in means], [m[1] for m in means], color="grey", linewidth=0.8, zorder=1)
+    ax.set_title(title, fontsize=9)
+    ax.set(xlabel="KL(pi || pi_SFT) per reply (nats), on the policy's own samples",
            ylabel="mean oracle reward (VADER compound)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    seed_note = ", ".join(f"{markers[i % len(markers)]} = seed {s}" for i, s in enumerate(seeds))
+    ax.legend(fontsize=7, loc="lower right", title=f"markers: {seed_note}", title_fontsize=7)
     return save_figure(fig, path)
 
 
 SUMMARY_SOURCES = {"sentiment": "oracle-sentiment", "hh": "hh-rlhf", "chitchat": "chitchat-fixture"}
-SUMMARY_KEYS = ("source", "n_train_pairs", "n_eval_prompts", "win_rate", "win_rate_ci", "reward", "frontier",
-                "val_reward_accuracy")
+SUMMARY_KEYS = ("source", "n_train_pairs", "n_eval_prompts", "win_rate", "win_rate_ci", "length_controlled_win_rate",
+                "length_controlled_win_rate_ci", "reward", "frontier", "val_reward_accuracy", "val_reward_accuracy_ci",
+                "n_val_pairs")
 
 
-def frontier_point(method: str, beta: float, ev: PolicyEval) -> dict:
-    """One point of the reward-KL frontier: {method, beta, kl, reward} of an evaluated policy."""
-    return {"method": method, "beta": beta, "kl": ev.log_ratios.mean().item(), "reward": ev.rewards.mean().item()}
+def frontier_point(method: str, beta: float, ev: PolicyEval, seed: int = 0) -> dict:
+    """One point of the reward-KL frontier: {method, beta, seed (the training seed), n_prompts, kl, kl_ci, reward,
+    reward_ci} of an evaluated policy, with the 95 % CIs of both means over its prompts."""
+    kl, kl_low, kl_high = mean_ci(ev.log_ratios)
+    reward, low, high = mean_ci(ev.rewards)
+    return {"method": method, "beta": beta, "seed": seed, "n_prompts": len(ev.rewards), "kl": kl,
+            "kl_ci": [kl_low, kl_high], "reward": reward, "reward_ci": [low, high]}
 
 
 def dpo_summary(source: str, n_train_pairs: int, sft: PolicyEval, dpo: PolicyEval, frontier: Sequence[dict],
-                val_reward_accuracy: float) -> dict:
+                val_reward_accuracy: float, n_val_pairs: int) -> dict:
     """The headline numbers of 1.3/1.4 (`fig/dpo_summary.json`, keys SUMMARY_KEYS): the pair source
     ("oracle-sentiment" | "hh-rlhf"), the training pairs, the evaluation prompts, DPO's oracle win rate against SFT
-    with its 95 % CI, both mean rewards, the frontier points and DPO's final validation reward accuracy."""
+    with its 95 % CI, the same with both replies cut to equal length (`length_controlled_win_rate`), both mean
+    rewards, the frontier points, and DPO's final validation reward accuracy on `n_val_pairs` pairs with its Wilson
+    95 % CI."""
     rate, low, high = win_rate(dpo.rewards, sft.rewards)
+    lc_rate, lc_low, lc_high = length_controlled_win_rate(dpo, sft)
     rewards = {"sft": sft.rewards.mean().item(), "dpo": dpo.rewards.mean().item()}
     return {"source": SUMMARY_SOURCES[source], "n_train_pairs": n_train_pairs, "n_eval_prompts": len(sft.rewards),
-            "win_rate": rate, "win_rate_ci": [low, high], "reward": rewards, "frontier": list(frontier),
-            "val_reward_accuracy": val_reward_accuracy}
+            "win_rate": rate, "win_rate_ci": [low, high], "length_controlled_win_rate": lc_rate,
+            "length_controlled_win_rate_ci": [lc_low, lc_high], "reward": rewards, "frontier": list(frontier),
+            "val_reward_accuracy": val_reward_accuracy,
+            "val_reward_accuracy_ci": list(wilson_interval(round(val_reward_accuracy * n_val_pairs), n_val_pairs)),
+            "n_val_pairs": n_val_pairs}
 
 
 def write_dpo_summary(path: str | Path, summary: dict) -> dict:
     """Write `summary` (`dpo_summary`) to `path`, keeping the frontier points of an earlier summary of the same source
-    and evaluation prompts whose (method, beta) `summary` does not have: 1.3 writes its DPO point, 1.4 adds the other
-    losses and betas, and rerunning either keeps the other's points. Returns what was written."""
+    whose (method, beta, seed) `summary` does not have: 1.3 writes its DPO point, 1.4 adds the other losses, betas
+    and seeds, and rerunning either keeps the other's points. Returns what was written."""
     path = Path(path)
     old = json.loads(path.read_text()) if path.is_file() else {}
-    same_eval = all(old.get(k) == summary[k] for k in ("source", "n_eval_prompts"))
-    new_keys = {(p["method"], p["beta"]) for p in summary["frontier"]}
-    kept = [p for p in old.get("frontier", []) if same_eval and (p["method"], p["beta"]) not in new_keys]
-    out = {**summary, "frontier": sorted([*summary["frontier"], *kept], key=lambda p: (p["method"], p["beta"]))}
+    key = lambda p: (p["method"], p["beta"], p.get("seed", 0))  # noqa: E731
+    new_keys = {key(p) for p in summary["frontier"]}
+    kept = [p for p in old.get("frontier", []) if old.get("source") == summary["source"] and key(p) not in new_keys]
+    out = {**summary, "frontier": sorted([*summary["frontier"], *kept], key=key)}
     merge_json(path, out)
     return out

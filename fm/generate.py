@@ -11,6 +11,7 @@ exact token ids sampled (what a log-probability of the sample, e.g. a KL estimat
 from __future__ import annotations
 
 import inspect
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -234,25 +235,49 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], max_
     return Completions(list(prompts), replies, prompt_ids, completion_ids)
 
 
-def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Sequence[int], **kwargs) -> list[dict]:
-    """Greedy `generate` of n new tokens with and without the KV cache, for each n in `new_tokens`; one row per n.
+def kv_cache_work_ratio(prompt_len: int, new_tokens: int) -> float:
+    """Token positions run through the weights without the cache over those with it, for n new tokens after a
+    p-token prompt: uncached step k runs the whole prefix, p + k - 1 positions, so n p + n (n - 1) / 2 in all; cached,
+    the prefill runs p and each later step one, p + n - 1. The ratio tends to (n + 1) / 2 for p << n and to n for
+    p >> n; it counts the matrix-vector work of the weights, not attention's (which grows with the prefix either way).
+    """
+    if prompt_len < 1 or new_tokens < 1:
+        raise ValueError(f"need prompt_len >= 1 and new_tokens >= 1, got {prompt_len}, {new_tokens}")
+    p, n = prompt_len, new_tokens
+    return (n * p + n * (n - 1) / 2) / (p + n - 1)
+
+
+def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Sequence[int], repeats: int = 1,
+                       **kwargs) -> list[dict]:
+    """Greedy `generate` of n new tokens with and without the KV cache, `repeats` times each, for each n in
+    `new_tokens`; one row per n.
 
     Without the cache every step re-runs the whole prefix (quadratic in n); with it a step runs one token against the
     cached keys and values. `input_ids` (B, T) are the prompts; `kwargs` go to `generate` (no `eos_token_id`, so
-    every run makes exactly n tokens). Row: n, seconds and new tokens/s (all B rows counted) of both, the speed-up,
-    and whether both produced the same tokens. A short warm-up run first pays the one-off allocations.
+    every run makes exactly n tokens). The repeats alternate cached and uncached runs, so a slow spell of the machine
+    hits both. Row: n, the median seconds and new tokens/s (all B rows counted) of both, the speed-up of the medians,
+    the smallest and largest per-repeat speed-up, the work ratio of `kv_cache_work_ratio` and whether every run
+    produced the same tokens. A short warm-up run first pays the one-off allocations.
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next(model.parameters()).device
     generate(model, input_ids, 2, temperature=0.0, **kwargs)
     rows = []
     for n in new_tokens:
-        seconds, outputs = {}, {}
-        for use_cache in (True, False):
-            outputs[use_cache], seconds[use_cache] = timed(
-                lambda c=use_cache, n=n: generate(model, input_ids, n, temperature=0.0, use_cache=c, **kwargs), device)
+        seconds, outputs = {True: [], False: []}, {}
+        for _ in range(repeats):
+            for use_cache in (True, False):
+                outputs[use_cache], spent = timed(
+                    lambda c=use_cache, n=n: generate(model, input_ids, n, temperature=0.0, use_cache=c, **kwargs),
+                    device)
+                seconds[use_cache].append(spent)
+        cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
+        ratios = [u / c for c, u in zip(seconds[True], seconds[False], strict=True)]
         made = n * input_ids.shape[0]
-        rows.append({"new tokens": n, "cached (s)": seconds[True], "uncached (s)": seconds[False],
-                     "cached tokens/s": made / seconds[True], "uncached tokens/s": made / seconds[False],
-                     "speed-up": seconds[False] / seconds[True],
+        rows.append({"new tokens": n, "repeats": repeats, "cached (s)": cached, "uncached (s)": uncached,
+                     "cached tokens/s": made / cached, "uncached tokens/s": made / uncached,
+                     "speed-up": uncached / cached, "speed-up min": min(ratios), "speed-up max": max(ratios),
+                     "work ratio": kv_cache_work_ratio(input_ids.shape[1], n),
                      "same tokens": torch.equal(outputs[True], outputs[False])})
     return rows

@@ -154,6 +154,20 @@ def load_lm(
     return model, tokenizer
 
 
+def display_name(model: nn.Module) -> str:
+    """The model's name in words for titles and captions: "SmolLM2-135M-Instruct" (also after fine-tuning and
+    reloading, which keeps the architecture), "GPT-2 (124M)", else the preset or class with its parameter count."""
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    if isinstance(model, GPT):
+        shape = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd")}
+        if shape == {"n_layer": 12, "n_head": 12, "n_embd": 768} and model.config.vocab_size == 50257:
+            return "GPT-2 (124M)"
+        return f"GPT ({shape['n_layer']} layers, {millions:.1f}M parameters)"
+    if getattr(getattr(model, "config", None), "model_type", None) == "llama" and round(millions) == 135:
+        return "SmolLM2-135M-Instruct"
+    return f"{type(model).__name__} ({millions:.0f}M parameters)"
+
+
 def save_lm(model: nn.Module, tokenizer, path: str | Path) -> Path:
     """Save a (fine-tuned) LM and its tokenizer so that `load_lm(path)` restores both."""
     path = Path(path)

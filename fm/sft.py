@@ -14,6 +14,7 @@ launch that itself); see `common.dist`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -137,6 +138,34 @@ class SFTResult:
     out_dir: Path
 
 
+def validation_examples(cfg: SFTConfig, tokenizer) -> list[dict]:
+    """The `cfg.eval_examples` tokenized validation examples (input_ids, labels) of `cfg`'s data source, taken evenly
+    from the windows of as many held-out dialogues: the validation loss of every SFT run and `perplexity` use them."""
+    dialogues = load_dialogues("validation", resolve_source(cfg.data_source))[: cfg.eval_examples]
+    val = tokenize_dialogues(tokenizer, dialogues, cfg.block_size, cfg.only_last, cfg.windows)
+    return val[:: max(1, len(val) // cfg.eval_examples)][: cfg.eval_examples]  # spread over those dialogues
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, cfg: SFTConfig) -> dict[str, float]:
+    """Per-token perplexity of `model` on the assistant replies of `validation_examples(cfg, tokenizer)`: exp of the
+    mean next-token loss over all their supervised tokens (the SFT validation loss, pooled over tokens rather than
+    batches). Returns {"perplexity", "loss" (nats/token), "tokens", "examples"}. Any causal LM with `tokenizer`'s
+    vocabulary works: the pretrained, SFT and DPO models are scored on the same tokens."""
+    val = validation_examples(cfg, tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for i in range(0, len(val), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(val[i : i + cfg.batch_size], padding_id(tokenizer)).items()}
+        loss, _ = sft_loss(model, batch)
+        n = sft_items(batch)
+        total, tokens = total + loss.item() * n, tokens + n
+    model.train(was_training)
+    return {"perplexity": math.exp(total / tokens), "loss": total / tokens, "tokens": tokens, "examples": len(val)}
+
+
 def build_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None) -> SFTSetup:
     """Load model and data for `cfg` (or use the given `model`/`tokenizer`), add LoRA, make the trainer.
 
@@ -152,9 +181,7 @@ def build_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None) ->
     if cfg.train_examples:
         train_dialogues = train_dialogues[: cfg.train_examples]
     train = tokenize_dialogues(tokenizer, train_dialogues, cfg.block_size, cfg.only_last, cfg.windows)
-    val = tokenize_dialogues(tokenizer, load_dialogues("validation", source)[: cfg.eval_examples], cfg.block_size,
-                             cfg.only_last, cfg.windows)
-    val = val[:: max(1, len(val) // cfg.eval_examples)][: cfg.eval_examples]  # spread over those dialogues
+    val = validation_examples(cfg, tokenizer)
     if len(train) < cfg.examples_per_step or not val:
         raise ValueError(f"too few examples after tokenization: {len(train)} train, {len(val)} validation")
 

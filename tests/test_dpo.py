@@ -287,7 +287,7 @@ def test_evaluate_policy_scores_samples_and_the_reference_has_zero_kl():
     rows = compare_to_baseline([sft, dpo], sft)
     assert rows[0]["win rate vs SFT"] == 0.5 and rows[0]["win CI low"] == rows[0]["win CI high"] == 0.5
     assert {"reward", "KL", "mean words", "distinct-2", "ref log-prob / token"} <= set(rows[1])
-    summary = dpo_summary("sentiment", 16, sft, dpo, [frontier_point("dpo", 0.1, dpo)], 0.6)
+    summary = dpo_summary("sentiment", 16, sft, dpo, [frontier_point("dpo", 0.1, dpo)], 0.6, 10)
     assert tuple(summary) == SUMMARY_KEYS and summary["source"] == "oracle-sentiment"
     assert summary["n_eval_prompts"] == 3 and summary["frontier"][0]["kl"] == pytest.approx(dpo.log_ratios.mean())
     low, high = summary["win_rate_ci"]
@@ -336,10 +336,55 @@ def test_dpo_summary_file_keeps_the_other_notebooks_frontier_points(tmp_path):
         return {"source": source, "n_eval_prompts": 200, "win_rate": 0.7, "frontier": points}
 
     path = tmp_path / "dpo_summary.json"
-    dpo = {"method": "dpo", "beta": 0.1, "kl": 4.0, "reward": 0.7}
-    ipo = {"method": "ipo", "beta": 0.1, "kl": 3.0, "reward": 0.6}
-    write_dpo_summary(path, summary([dpo, ipo]))  # 1.4: every point
+    dpo = {"method": "dpo", "beta": 0.1, "seed": 0, "kl": 4.0, "reward": 0.7}
+    dpo_seed1 = {**dpo, "seed": 1, "kl": 3.0}
+    ipo = {"method": "ipo", "beta": 0.1, "seed": 0, "kl": 3.0, "reward": 0.6}
+    write_dpo_summary(path, summary([dpo, dpo_seed1, ipo]))  # 1.4: every point
     out = write_dpo_summary(path, summary([{**dpo, "kl": 4.5}]))  # 1.3 rerun: its own point replaces its old one
-    assert out["frontier"] == [{**dpo, "kl": 4.5}, ipo]
+    assert out["frontier"] == [{**dpo, "kl": 4.5}, dpo_seed1, ipo]  # the other seed's point is another point
     assert json.loads(path.read_text())["frontier"] == out["frontier"]
     assert write_dpo_summary(path, summary([dpo], source="hh-rlhf"))["frontier"] == [dpo]  # other data: start over
+
+
+def _policy_eval(name, replies, rewards=None):
+    from fm.dpo_analysis import PolicyEval
+    from fm.generate import Completions
+    from fm.reward import sentiment_reward
+
+    n = len(replies)
+    completions = Completions(prompts=[f"p{i}" for i in range(n)], replies=list(replies), prompt_ids=[[1]] * n,
+                              completion_ids=[[2]] * n)
+    rewards = sentiment_reward(replies) if rewards is None else torch.tensor(rewards)
+    return PolicyEval(name, completions, rewards, torch.zeros(n), torch.zeros(n))
+
+
+def test_length_controlled_win_rate_cuts_both_replies_to_the_shorter():
+    from fm.dpo_analysis import length_controlled_win_rate
+    from fm.metrics import win_rate
+
+    # the policy wins every prompt only through a positive tail that the baseline's shorter reply has no room for
+    policy = _policy_eval("long", ["the bus was late again today, love it great", "I ate soup wonderful amazing"])
+    baseline = _policy_eval("short", ["the bus was late again today", "I ate soup"])
+    assert win_rate(policy.rewards, baseline.rewards)[0] == 1.0
+    assert length_controlled_win_rate(policy, baseline) == (0.5, 0.5, 0.5)  # equal text after the cut: all ties
+    better = _policy_eval("better", ["the bus was great again today", "I ate soup"])
+    assert length_controlled_win_rate(better, baseline)[0] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="different prompts"):
+        length_controlled_win_rate(policy, _policy_eval("x", ["a", "b", "c"]))
+
+
+def test_frontier_point_and_summary_carry_seeds_and_intervals():
+    from fm.dpo_analysis import SUMMARY_KEYS, dpo_summary, frontier_point
+
+    sft = _policy_eval("SFT", ["ok", "fine", "sure", "no"])
+    dpo = _policy_eval("DPO", ["great", "fine", "love it", "no"])
+    dpo.logps = torch.tensor([1.0, 2.0, 3.0, 2.0])
+    point = frontier_point("dpo", 0.1, dpo, seed=3)
+    assert point["seed"] == 3 and point["n_prompts"] == 4 and point["kl"] == pytest.approx(2.0)
+    assert point["kl_ci"][0] < 2.0 < point["kl_ci"][1]
+    assert point["reward_ci"][0] < point["reward"] < point["reward_ci"][1]
+    summary = dpo_summary("sentiment", 16, sft, dpo, [point], val_reward_accuracy=0.75, n_val_pairs=40)
+    assert set(summary) == set(SUMMARY_KEYS)
+    low, high = summary["val_reward_accuracy_ci"]
+    assert 0.5 < low < 0.75 < high < 1  # Wilson interval of 30 / 40
+    assert summary["length_controlled_win_rate_ci"][0] <= summary["length_controlled_win_rate"]

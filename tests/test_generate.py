@@ -119,3 +119,22 @@ def test_errors(pair):
         generate(ours, ids[0], 2)
     with pytest.raises(ValueError, match="top_k"):
         top_k_filter(torch.zeros(1, 3), 0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_kv_cache_work_ratio_counts_the_positions_generate_runs(pair, use_cache):
+    from fm.generate import kv_cache_work_ratio
+
+    _, ours = pair
+    positions = []
+    hook = ours.register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1]))
+    try:
+        generate(ours, _prompts([5])[0][None], 7, temperature=0.0, use_cache=use_cache)
+    finally:
+        hook.remove()
+    # without the cache every step runs the prefix: 5 + 6 + ... + 11; with it the prefill 5, then 6 single tokens
+    assert sum(positions) == ((5 + 6) if use_cache else sum(range(5, 12)))
+    assert kv_cache_work_ratio(5, 7) == pytest.approx(sum(range(5, 12)) / (5 + 6))
+    assert kv_cache_work_ratio(1, 200) == pytest.approx((200 + 200 * 199 / 2) / 200)  # (n + 1) / 2 for p = 1
+    with pytest.raises(ValueError, match="new_tokens >= 1"):
+        kv_cache_work_ratio(5, 0)

@@ -196,16 +196,20 @@ def test_mean_ci_and_win_rate_arithmetic():
 
 
 def test_kv_cache_benchmark_same_tokens(tiny_lm):
-    from fm.generate import kv_cache_benchmark
+    from fm.generate import kv_cache_benchmark, kv_cache_work_ratio
 
     model, tokenizer = tiny_lm
     prompts = torch.tensor([tokenizer.encode("Human: Hi!\n\nAssistant:")] * 2)
-    rows = kv_cache_benchmark(model, prompts, [4, 8])
-    assert [r["new tokens"] for r in rows] == [4, 8]
+    rows = kv_cache_benchmark(model, prompts, [4, 8], repeats=3)
+    assert [r["new tokens"] for r in rows] == [4, 8] and all(r["repeats"] == 3 for r in rows)
     assert all(r["same tokens"] and r["cached (s)"] > 0 and r["uncached (s)"] > 0 for r in rows)
-    for r in rows:  # both rows of the batch count, and the speed-up is the ratio of the times
+    for r in rows:  # both rows of the batch count, and the speed-up is the ratio of the median times
         assert r["cached tokens/s"] == pytest.approx(2 * r["new tokens"] / r["cached (s)"])
         assert r["speed-up"] == pytest.approx(r["uncached (s)"] / r["cached (s)"])
+        assert r["speed-up min"] <= r["speed-up max"]
+        assert r["work ratio"] == pytest.approx(kv_cache_work_ratio(prompts.shape[1], r["new tokens"]))
+    with pytest.raises(ValueError, match="repeats"):
+        kv_cache_benchmark(model, prompts, [4], repeats=0)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -213,7 +217,7 @@ def test_kv_cache_benchmark_same_tokens(tiny_lm):
     (dict(variants=(("dpo", 0.0),)), "beta > 0"),
     (dict(ft_steps=0), "ft_steps"),
     (dict(label_smoothing=0.5), "label_smoothing"),
-    (dict(cache_new_tokens=(0,)), "cache_new_tokens"),
+    (dict(seeds=(0, 0)), "seeds must be distinct"),
 ])
 def test_lm_enhance_config_rejects_bad_values(overrides, match):
     from fm.comparisons import lm_enhance_config
@@ -222,3 +226,14 @@ def test_lm_enhance_config_rejects_bad_values(overrides, match):
         lm_enhance_config("smoke", **overrides)
     with pytest.raises(ValueError, match="unknown config key"):
         lm_enhance_config("smoke", not_a_field=1)
+
+
+def test_seed_spread_means_and_ranges_per_setting():
+    from fm.comparisons import seed_spread
+
+    rows = [{"loss": "DPO", "beta": 0.1, "seed": s, "reward": r, "KL": k} for s, r, k in ((0, 0.5, 2.0), (1, 0.7, 4.0))]
+    rows.append({"loss": "IPO", "beta": 0.1, "seed": 0, "reward": 0.6, "KL": 1.0})
+    out = seed_spread(rows, keys=("reward", "KL"))
+    assert [(r["loss"], r["seeds"]) for r in out] == [("DPO", 2), ("IPO", 1)]
+    assert out[0]["reward mean"] == pytest.approx(0.6) and out[0]["reward spread"] == pytest.approx(0.2)
+    assert out[0]["KL mean"] == pytest.approx(3.0) and out[1]["KL spread"] == 0.0

@@ -162,3 +162,28 @@ def test_run_folders_are_keyed_by_the_training_config(capsys):
     assert is_saved(sft_dir(sft_config("smoke", steps=2, lr=2e-3)))
     load_or_train_sft("smoke", device="cpu", steps=2, lr=2e-3)
     assert "loading the SFT model" in capsys.readouterr().out
+
+
+def test_perplexity_is_exp_of_the_loss_over_every_reply_token():
+    from fm.sft import perplexity, validation_examples
+
+    cfg, model, tokenizer = _cfg(batch_size=3), _tiny_model().eval(), get_gpt2_tokenizer()
+    out = perplexity(model, tokenizer, cfg)
+    examples = validation_examples(cfg, tokenizer)
+    nll, tokens = 0.0, 0
+    for ex in examples:  # one example at a time: no padding, the loss summed by hand
+        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+        scored = labels[0, 1:] != IGNORE_INDEX
+        nll -= logp[scored].gather(-1, labels[0, 1:][scored, None]).sum().item()
+        tokens += int(scored.sum())
+    assert out["tokens"] == tokens and out["examples"] == len(examples) == cfg.eval_examples
+    assert out["loss"] == pytest.approx(nll / tokens, rel=1e-4)
+    assert out["perplexity"] == pytest.approx(torch.tensor(nll / tokens).exp().item(), rel=1e-4)
+
+
+def test_display_name_names_the_model_in_words():
+    from fm.pretrained import display_name
+
+    assert display_name(GPT(GPTConfig.from_preset("gpt2"))) == "GPT-2 (124M)"
+    assert display_name(GPT(GPTConfig.from_preset("tiny"))).startswith("GPT (")
