@@ -6,8 +6,11 @@ and kernel distance (KID, 95 % CI) to real test images, and wall time. Each runn
 `common.plotting.markdown_table`): first the reference rows (real test images, their VAE reconstructions; not timed;
 `reference_rows` computes them once for all experiments, pass them as `refs`), then one timed row per setting.
 
-- `step_sweep`: DDIM with 10 ... 1000 steps, deterministic (eta = 0) and stochastic (eta = 1), and ancestral DDPM
-  with all T steps -> a quality-vs-time curve;
+- `step_sweep`: DDIM with 10 ... 1000 steps at each noise level eta (0 = deterministic ... 1 = DDPM-like), with
+  and without limiting the predicted x0 (`LDMEnhanceConfig.x0_clip`), and ancestral DDPM with all T steps -> a
+  quality-vs-time curve and the eta-by-steps table of the DDIM paper (`eta_table`);
+- `gap_experiments` and `eps_bias`: what separates deterministic from stochastic DDIM (guidance, discretisation,
+  training length, the x0 limit, the network's eps at each t);
 - `guidance_sweep`: classifier-free guidance scale w (0 = unconditional, 1 = conditional model);
 - `weights_comparison`: EMA weights vs raw weights of the same run;
 - `variant_comparison`: the 2.3 model against retrained variants (`VARIANTS`: cosine schedule, v-prediction, both)
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from common import get_profile, make_config
 from common.config import check
@@ -36,7 +40,17 @@ from common.plotting import new_figure, save_figure
 from gm.data import DATASETS
 from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
-from gm.ldm import DISPLAY_NAMES, LDMRun, References, evaluate_ldm, ldm_config, references, table, train_ldm
+from gm.ldm import (
+    DISPLAY_NAMES,
+    LDMRun,
+    References,
+    cached_latents,
+    evaluate_ldm,
+    ldm_config,
+    references,
+    table,
+    train_ldm,
+)
 from gm.sampler import SamplerSpec
 
 # Retrained variants of the 2.3 model: name -> LDMConfig overrides (everything else, budget included, unchanged).
@@ -47,7 +61,7 @@ VARIANTS = {
     # multiplies any eps error by 1/sqrt(abar) ~ 2e4; v-prediction's x0 = sqrt(abar) x_t - sqrt(1 - abar) v does not.
     "cosine + v-prediction": {"schedule": "cosine", "prediction": "v"},
 }
-METRICS = ("cond_accuracy", "feature_fd")
+METRICS = ("cond_accuracy", "kid")  # the two panels of the trade-off figures, each with its 95 % CI
 
 
 @dataclass
@@ -57,6 +71,12 @@ class LDMEnhanceConfig:
     ddpm_samples_per_class: int | None = None  # of the 1000-step DDPM sampler (None: samples_per_class)
     ddim_steps: tuple[int, ...] = (10, 20, 50, 100, 1000)
     ddim_etas: tuple[float, ...] = (0.0, 1.0)  # DDIM noise levels of the step sweep (0: deterministic, 1: DDPM-like)
+    compare_etas: tuple[float, ...] = (0.0, 1.0)  # DDIM noise levels of the variant and flow comparisons
+    # Limit on the predicted x0 in normalised latent units (`SamplerSpec.clip_x0`, and `threshold`: dynamic
+    # thresholding's quantile) of the sweep's extra eta = 0 curve and the gap experiments (None: no such rows).
+    x0_clip: float | None = None
+    x0_threshold: float | None = None
+    longer_training: float = 0.0  # gap experiments: the 2.3 model retrained with this many times its steps (0: none)
     ddpm: bool = True  # add the ancestral DDPM sampler (all T steps) to the step sweep
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
     compare_steps: int = 50  # DDIM steps of the guidance, EMA and variant comparisons
@@ -75,6 +95,7 @@ class LDMEnhanceConfig:
 
     def __post_init__(self):
         self.ddim_steps, self.ddim_etas = tuple(self.ddim_steps), tuple(self.ddim_etas)
+        self.compare_etas = tuple(self.compare_etas)
         self.guidance_scales, self.variants = tuple(self.guidance_scales), tuple(self.variants)
         self.flow_calls, self.flow_datasets = tuple(self.flow_calls), tuple(self.flow_datasets)
         check(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
@@ -84,6 +105,9 @@ class LDMEnhanceConfig:
         check(all(w >= 0 for w in (*self.guidance_scales, self.guidance_scale or 0)), "guidance scales must be >= 0")
         check(bool(self.ddim_etas) and all(eta >= 0 for eta in (*self.ddim_etas, self.compare_eta)),
               "ddim_etas and compare_eta must be >= 0")
+        check(bool(self.compare_etas) and min(self.compare_etas) >= 0, "compare_etas must be >= 0")
+        check(self.x0_threshold is None or self.x0_clip is not None, "x0_threshold needs x0_clip (the data range)")
+        check(self.longer_training == 0 or self.longer_training > 1, "longer_training must be 0 or > 1")
         unknown = sorted(set(self.variants) - set(VARIANTS))
         check(not unknown, f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
         check(bool(self.flow_calls) and all(n >= 2 and n % 2 == 0 for n in self.flow_calls),
@@ -93,8 +117,9 @@ class LDMEnhanceConfig:
 
 
 PRESETS = {
-    "smoke": dict(profile="smoke", samples_per_class=2, ddim_steps=(2, 5), ddim_etas=(0.0,), ddpm=False,
-                  guidance_scales=(0.0, 1.0, 2.0), compare_steps=5, flow_calls=(2, 4), flow_samples_per_class=2),
+    "smoke": dict(profile="smoke", samples_per_class=2, ddim_steps=(2, 5), ddim_etas=(0.0,), compare_etas=(0.0,),
+                  ddpm=False, guidance_scales=(0.0, 1.0, 2.0), compare_steps=5, flow_calls=(2, 4),
+                  flow_samples_per_class=2),
     # 2-core CPU, a few minutes: 300 images per measurement (100 for DDPM-1000), one retrained variant; the flow
     # comparison: 1,000 images per point.
     "quick": dict(profile="quick", samples_per_class=30, ddpm_samples_per_class=10, ddim_steps=(10, 20, 50, 100),
@@ -147,24 +172,118 @@ def _measure(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, sampler
     return references, samples
 
 
-def _ddim(run: LDMRun, cfg: LDMEnhanceConfig, steps: int | None, eta: float, guidance_scale: float | None = None
-          ) -> SamplerSpec:
-    """DDIM on `run`'s process (all T steps if None) at `guidance_scale` (default: `guidance(run, cfg)`)."""
+def _ddim(run: LDMRun, cfg: LDMEnhanceConfig, steps: int | None, eta: float, guidance_scale: float | None = None,
+          limit: bool = False) -> SamplerSpec:
+    """DDIM on `run`'s process (all T steps if None) at `guidance_scale` (default: `guidance(run, cfg)`); with
+    `limit`, the predicted x0 limited by `cfg.x0_clip` / `cfg.x0_threshold`."""
     w = guidance(run, cfg) if guidance_scale is None else guidance_scale
-    return SamplerSpec(run.model.process, steps, eta=eta, guidance_scale=w)
+    clip, threshold = (cfg.x0_clip, cfg.x0_threshold) if limit else (None, None)
+    return SamplerSpec(run.model.process, steps, eta=eta, guidance_scale=w, clip_x0=clip, threshold=threshold)
 
 
 def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
                refs: References | None = None) -> list[dict]:
     """Quality vs sampling time: DDPM (all T steps; first, so "speed_up" is relative to it), then DDIM with each
-    of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`. Rows: the references, then one per
-    sampler with "steps" and (DDIM) "eta" columns."""
+    of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`, then (if `cfg.x0_clip`) deterministic
+    DDIM with the x0 limit. Rows: the references, then one per sampler with "steps", (DDIM) "eta" and "x0_limit"
+    ("-" or the limit) columns."""
     samplers = {"ddpm": _ddim(run, cfg, None, eta=1.0)} if cfg.ddpm else {}
     samplers |= {f"ddim{s}_eta{eta:g}": _ddim(run, cfg, s, eta) for eta in cfg.ddim_etas for s in cfg.ddim_steps}
+    if cfg.x0_clip is not None:
+        samplers |= {f"ddim{s}_eta0_limited": _ddim(run, cfg, s, 0.0, limit=True) for s in cfg.ddim_steps}
     references, samples = _measure(run, classifier, cfg, samplers, refs=refs)
     for row, spec in zip(samples, samplers.values(), strict=True):
         row["steps"] = spec.num_steps
+        row["x0_limit"] = x0_limit_label(spec)
     return references + samples
+
+
+def x0_limit_label(spec: SamplerSpec) -> str:
+    """ "-" (no limit), "clip 3" or "thr. 0.995, 3": the x0 limit of a sampler, for a table column."""
+    if spec.clip_x0 is None:
+        return "-"
+    return f"clip {spec.clip_x0:g}" if spec.threshold is None else f"thr. {spec.threshold:g}, {spec.clip_x0:g}"
+
+
+def eta_table(rows: Sequence[dict], metric: str = "cond_accuracy") -> list[dict]:
+    """The step sweep's DDIM rows as the DDIM paper's Table 1: one row per (eta, x0 limit), one column per step
+    count, each cell `metric` (with its CI where it has one)."""
+    table: dict[tuple, dict] = {}
+    for r in _split(rows)[1]:
+        if "eta" not in r:
+            continue
+        ci = r.get(f"{metric}_ci")
+        cell = f"{r[metric]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else "")
+        table.setdefault((r["eta"], r.get("x0_limit", "-")), {"eta": r["eta"], "x0 limit": r.get("x0_limit", "-")})[
+            f"{r['steps']} steps"] = cell
+    return list(table.values())
+
+
+def gap_experiments(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
+                    refs: References | None = None) -> list[dict]:
+    """What separates deterministic DDIM (eta = 0) from the stochastic samplers, each row with an "experiment"
+    column, all from the same labels and start noise:
+
+    - "guidance": DDIM-`compare_steps` at eta 0 and 1 with w = 1 (the conditional model), beside the guided rows of
+      the step sweep;
+    - "discretisation": deterministic DDIM with all T steps against ancestral DDPM-T (`cfg.ddpm_samples_per_class`
+      images per class each, the step sweep's DDPM start noise);
+    - "x0 limit": DDIM-`compare_steps` at eta 0 and 1 with the predicted x0 limited (`cfg.x0_clip`);
+    - "training length": the 2.3 config retrained with `cfg.longer_training` times the steps, DDIM-`compare_steps` at
+      eta 0 and 1 (and eta 0 with the x0 limit).
+    """
+    n, steps = cfg.samples_per_class, cfg.compare_steps
+    experiments = [("guidance", run, {f"w1_eta{eta:g}": _ddim(run, cfg, steps, eta, 1.0) for eta in (0.0, 1.0)}, n),
+                   ("discretisation", run, {"ddpm": _ddim(run, cfg, None, 1.0),
+                                            "ddim_all_eta0": _ddim(run, cfg, run.config.timesteps, 0.0)},
+                    cfg.ddpm_samples_per_class or n)]
+    if cfg.x0_clip is not None:
+        experiments.append(("x0 limit", run, {f"eta{eta:g}": _ddim(run, cfg, steps, eta, limit=True)
+                                              for eta in (0.0, 1.0)}, n))
+    if cfg.longer_training:
+        longer = train_ldm(dataclasses.replace(run.config, steps=round(cfg.longer_training * run.config.steps),
+                                               progress=cfg.progress), vae=run.vae)
+        samplers = {f"eta{eta:g}": _ddim(longer, cfg, steps, eta) for eta in (0.0, 1.0)}
+        if cfg.x0_clip is not None:
+            samplers["eta0_limited"] = _ddim(longer, cfg, steps, 0.0, limit=True)
+        experiments.append((f"training length x{cfg.longer_training:g}", longer, samplers, n))
+    rows = []
+    for name, r, samplers, count in experiments:
+        references, samples = _measure(r, classifier, cfg, samplers, refs=refs, samples_per_class=count)
+        rows = rows or [{"experiment": "-", **row} for row in references]
+        for sample, spec in zip(samples, samplers.values(), strict=True):
+            sample.pop("speed_up", None)
+            rows.append({"experiment": name, "train_steps": r.config.steps, "x0_limit": x0_limit_label(spec),
+                         **sample})
+    return rows
+
+
+@torch.no_grad()
+def eps_bias(run: LDMRun, fractions: Sequence[float] = (1.0, 0.9, 0.7, 0.5, 0.3, 0.1, 0.02), num: int = 512,
+             seed: int = 0) -> list[dict]:
+    """How the EMA network's eps prediction errs at each timestep t = round(f (T - 1)) for f in `fractions` (T-1 = 999
+    first: where sampling starts), on `num` test latents x0 (normalised) with
+    fresh noise eps and their labels: x_t = q_sample(x0, t, eps), e = model(x_t, t, y). Per t: "eps_slope", the
+    least-squares slope of e on eps (1: unbiased in scale; < 1: shrunk towards 0), "eps_mse" = mean (e - eps)^2,
+    "x0_rmse", the RMS error of x0_hat = (x_t - sqrt(1 - abar) e) / sqrt(abar), and "x0_hat_max", its largest
+    |value| (the data's is a few units)."""
+    model, process = run.ema_model, run.ema_model.process
+    device = next(model.parameters()).device
+    z, y = cached_latents(run.vae, run.config.dataset, "test", num, seed=seed)
+    x0, y = model.normalize(z.to(device)), y.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in dict.fromkeys(round(f * (process.timesteps - 1)) for f in fractions):
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        t_batch = torch.full((len(x0),), t, device=device)
+        x_t = process.q_sample(x0, t_batch, eps)
+        e = model(x_t, t_batch, y)
+        x0_hat = process.split_prediction(x_t, t_batch, e)[0]
+        rows.append({"t": t, "abar_t": process.alphas_cumprod[t].item(),
+                     "eps_slope": ((e * eps).sum() / eps.pow(2).sum()).item(),
+                     "eps_mse": (e - eps).pow(2).mean().item(),
+                     "x0_rmse": (x0_hat - x0).pow(2).mean().sqrt().item(), "x0_hat_max": x0_hat.abs().max().item()})
+    return rows
 
 
 def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
@@ -207,13 +326,13 @@ def training_seconds(run: LDMRun) -> float:
 def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
                        fig_prefix: str | Path | None = None, refs: References | None = None) -> list[dict]:
     """The 2.3 model against each variant of `cfg.variants`, trained with the same budget and sampled identically
-    (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.ddim_etas`. Rows: the references, then
+    (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.compare_etas`. Rows: the references, then
     one per (model, eta). With `fig_prefix`, class grids `{fig_prefix}_{model}_eta{eta}.png`."""
     runs = {"2.3 model": run} | {name: train_variant(run, name, cfg.progress) for name in cfg.variants}
     rows = []
     for name, r in runs.items():
         prefix = None if fig_prefix is None else f"{fig_prefix}_{re.sub(r'[^a-z0-9.]+', '_', name)}"
-        samplers = {f"eta{eta:g}": _ddim(r, cfg, cfg.compare_steps, eta) for eta in cfg.ddim_etas}
+        samplers = {f"eta{eta:g}": _ddim(r, cfg, cfg.compare_steps, eta) for eta in cfg.compare_etas}
         references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix, refs=refs)
         rows = rows or [{"model": "-", **row} for row in references]
         for sample, spec in zip(samples, samplers.values(), strict=True):
@@ -233,7 +352,7 @@ def train_flow(run: LDMRun, progress: bool = True) -> LDMRun:
 def flow_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, flow: LDMRun | None = None,
                     refs: References | None = None) -> list[dict]:
     """Rectified flow against DDIM at equal network calls per image: for each n in `cfg.flow_calls`, DDIM with n
-    steps on `run` for each eta of `cfg.ddim_etas`, and the flow model (`flow`, trained by `train_flow` if None)
+    steps on `run` for each eta of `cfg.compare_etas`, and the flow model (`flow`, trained by `train_flow` if None)
     with n Euler steps and n / 2 Heun steps; all at `guidance(run, cfg)`, `cfg.flow_samples_per_class` images per
     class, EMA weights. Rows: the references, then one per (sampler, calls) with a "model" column."""
     flow = flow or train_flow(run, cfg.progress)
@@ -242,7 +361,8 @@ def flow_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, 
     rows = []
     for calls in cfg.flow_calls:
         for model, samplers in (
-                ("2.3 DDPM", {f"ddim{calls}_eta{eta:g}": _ddim(run, cfg, calls, eta, w) for eta in cfg.ddim_etas}),
+                ("2.3 DDPM", {f"ddim{calls}_eta{eta:g}": _ddim(run, cfg, calls, eta, w)
+                              for eta in cfg.compare_etas}),
                 ("flow", {f"{solver}{calls}": SamplerSpec(flow.model.process, calls // order, guidance_scale=w,
                                                          solver=solver)
                           for solver, order in (("euler", 1), ("heun", 2))})):
@@ -285,14 +405,18 @@ def _split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
 
 def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, title: str, xlabel: str,
                   references: Sequence[dict] = (), logx: bool = False, annotate: str | None = None) -> Path:
-    """Conditional accuracy and feature FD (two panels) against row key `x` for each named list of rows.
-    `references` (real images, VAE reconstructions) are drawn as horizontal lines; `annotate`: a row key written
-    next to each point."""
+    """Conditional accuracy and KID (two panels, 95 % CIs as error bars) against row key `x` for each named list of
+    rows. `references` (real images, VAE reconstructions) are drawn as horizontal lines; `annotate`: a row key
+    written next to each point. A log x axis is labelled at powers of ten, or at the data's x values when they span
+    less than a decade, in plain numbers (no overlapping minor-tick labels)."""
     fig, axes = new_figure(1, 2, figsize=(10, 3.8))
+    all_x = sorted({r[x] for rows in curves.values() for r in rows})
     for ax, metric in zip(axes, METRICS, strict=True):
         for label, rows in curves.items():
             xs, ys = [r[x] for r in rows], [r[metric] for r in rows]
-            ax.plot(xs, ys, marker="o", label=label)
+            err = [[y - r[f"{metric}_ci"][0] for r, y in zip(rows, ys, strict=True)],
+                   [r[f"{metric}_ci"][1] - y for r, y in zip(rows, ys, strict=True)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=label)
             if annotate:
                 for r, xv, yv in zip(rows, xs, ys, strict=True):
                     ax.annotate(f"{r[annotate]:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -302,6 +426,10 @@ def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, t
         ax.set(xlabel=xlabel, ylabel=DISPLAY_NAMES[metric] + better)
         if logx:
             ax.set_xscale("log")
+            if all_x and all_x[-1] < 10 * all_x[0]:
+                ax.set_xticks(all_x)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -311,8 +439,9 @@ def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, t
 def plot_step_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
     """The step sweep as quality vs sampling seconds (log), points labelled with their step count."""
     references, samples = _split(rows)
-    etas = dict.fromkeys(r["eta"] for r in samples if "eta" in r)
-    curves = {f"DDIM (eta = {eta:g})": [r for r in samples if r.get("eta") == eta] for eta in etas}
+    keys = dict.fromkeys((r["eta"], r.get("x0_limit", "-")) for r in samples if "eta" in r)
+    curves = {f"DDIM (eta = {eta:g}{'' if limit == '-' else ', x0 ' + limit})":
+              [r for r in samples if r.get("eta") == eta and r.get("x0_limit", "-") == limit] for eta, limit in keys}
     ddpm = [r for r in samples if r["images_from"].startswith("DDPM")]
     curves |= {"DDPM (ancestral)": ddpm} if ddpm else {}
     return plot_tradeoff(curves, "seconds", path, title, "sampling seconds (log scale)", references, logx=True,

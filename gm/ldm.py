@@ -330,7 +330,8 @@ DISPLAY_NAMES = {"images_from": "images from", "cond_accuracy": "cond. accuracy"
                  "feature_fd": "feature FD", "kid": "KID", "kid_ci": "KID 95% CI", "images_per_s": "images/s",
                  "speed_up": "speed-up", "network_calls": "network calls", "val_loss": "val. loss",
                  "train_steps": "train steps", "train_seconds": "train seconds",
-                 "classifier_test_acc": "classifier test acc."}
+                 "classifier_test_acc": "classifier test acc.", "latent_std": "latent std",
+                 "latent_max": "latent max |z|"}
 
 
 def table(rows: list[dict]) -> str:
@@ -347,13 +348,22 @@ def report_samplers(cfg: LDMConfig, process: Process | None = None) -> dict[str,
 
 
 @torch.no_grad()
-def generate(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = True,
-             generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
-    """Images (B, C, 32, 32) in [0, 1] for class `labels`: sample latents as `spec` says, decode with the VAE."""
+def generate_with_latents(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = True,
+                          generator: torch.Generator | None = None, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """(images (B, C, 32, 32) in [0, 1], normalised latents (B, z_channels, h, w)) for class `labels`: latents
+    sampled as `spec` says, decoded with the VAE; the latents in the units the diffusion model works in (data:
+    mean 0, std 1 per channel), to see whether samples drift off the data."""
     model = run.ema_model if use_ema else run.model
     device = next(model.parameters()).device
     latents = model.sample_latents(labels.to(device), run.latent_hw, spec, generator, progress)
-    return run.vae.decode(latents).clamp(0, 1).cpu()
+    return run.vae.decode(latents).clamp(0, 1).cpu(), model.normalize(latents).cpu()
+
+
+@torch.no_grad()
+def generate(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = True,
+             generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
+    """Images (B, C, 32, 32) in [0, 1] for class `labels` (`generate_with_latents` without the latents)."""
+    return generate_with_latents(run, labels, spec, use_ema, generator, progress)[0]
 
 
 def class_labels(samples_per_class: int) -> Tensor:
@@ -460,14 +470,17 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, Sam
     for name, spec in samplers.items():
         labels = class_labels(counts[name])
         generator = torch.Generator(device).manual_seed(seed)
-        images, seconds = timed(lambda s=spec, g=generator, y=labels: torch.cat(
-            [generate(run, chunk, s, use_ema, g, progress) for chunk in y.split(cfg.sample_batch_size)]), device)
+        pairs, seconds = timed(lambda s=spec, g=generator, y=labels: [
+            generate_with_latents(run, chunk, s, use_ema, g, progress) for chunk in y.split(cfg.sample_batch_size)],
+            device)
+        images, latents = (torch.cat(parts) for parts in zip(*pairs, strict=True))
         rate = len(labels) / seconds
         first_rate = first_rate or rate
         ddim = spec.process.sampler_name(spec) == "ddim"
         rows.append({"dataset": cfg.dataset, "images_from": spec.label, "guidance": spec.guidance_scale,
                      **({"eta": spec.eta} if ddim else {}), "network_calls": spec.network_calls, "n": len(labels),
                      **measure(classifier, images, labels, refs.features, seed, cfg.kid_blocks),
+                     "latent_std": latents.std().item(), "latent_max": latents.abs().max().item(),
                      "seconds": seconds, "images_per_s": rate, "speed_up": rate / first_rate})
         if fig_prefix is not None:
             save_class_grid(images, labels, cfg.dataset, f"{fig_prefix}_{name}.png",

@@ -10,7 +10,10 @@ import torch
 from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
     LDMEnhanceConfig,
+    eps_bias,
+    eta_table,
     flow_comparison,
+    gap_experiments,
     guidance_sweep,
     headline,
     ldm_enhance_config,
@@ -105,6 +108,32 @@ def test_step_sweep_rows_and_figure(tiny, tmp_path):
         step_sweep(run, classifier, smoke_config(ddim_steps=(T + 1,)))
 
 
+def test_x0_limit_rows_eta_table_and_gap_experiments(tiny, tmp_path):
+    run, classifier = tiny
+    cfg = smoke_config(ddim_steps=(2, 5), ddim_etas=(0.0, 1.0), x0_clip=0.5, x0_threshold=0.9, longer_training=2.0)
+    references, samples = split(step_sweep(run, classifier, cfg))
+    limited = [r for r in samples if r["x0_limit"] != "-"]
+    assert [(r["steps"], r["eta"], r["x0_limit"]) for r in limited] == [(2, 0.0, "thr. 0.9, 0.5"),
+                                                                         (5, 0.0, "thr. 0.9, 0.5")]
+    assert all(r["latent_max"] <= 0.5 + 1e-4 for r in limited)  # the last step returns the limited x0
+    table = eta_table(references + samples)
+    assert [(r["eta"], r["x0 limit"]) for r in table] == [(0.0, "-"), (1.0, "-"), (0.0, "thr. 0.9, 0.5")]
+    assert table[1]["5 steps"].startswith(f"{samples[3]['cond_accuracy']:.3f} [")
+    assert plot_step_sweep(references + samples, tmp_path / "steps.png", "smoke").stat().st_size > 0
+    rows = gap_experiments(run, classifier, cfg)
+    gap = split(rows)[1]
+    assert [r["experiment"] for r in gap] == ["guidance"] * 2 + ["discretisation"] * 2 + ["x0 limit"] * 2 + [
+        "training length x2"] * 3
+    assert [r["guidance"] for r in gap[:2]] == [1.0, 1.0] and gap[2]["images_from"] == f"DDPM-{T}"
+    assert gap[3]["images_from"] == f"DDIM-{T}" and gap[3]["eta"] == 0.0
+    assert gap[-1]["train_steps"] == 2 * run.config.steps
+    assert list(headline(rows, ("experiment", "images_from", "eta")))[2] == f"discretisation_DDPM-{T}"
+    bias = eps_bias(run, num=32)
+    assert [r["t"] for r in bias][0] == T - 1 and all(r["eps_mse"] > 0 for r in bias)
+    with pytest.raises(ValueError, match="x0_threshold"):
+        smoke_config(x0_threshold=0.9)
+
+
 def test_guidance_scale_one_is_the_conditional_model(tiny, tmp_path):
     run, classifier = tiny
     cfg = smoke_config(guidance_scales=(0.0, 1.0, 3.0), compare_steps=5)
@@ -179,7 +208,7 @@ def test_flow_comparison_at_equal_network_calls(tiny, tmp_path):
     flow = train_flow(run, progress=False)
     changed = {k for k, v in dataclasses.asdict(flow.config).items() if getattr(run.config, k) != v}
     assert changed == {"process"} and len(flow.train_rows) == run.config.steps  # the same budget
-    cfg = smoke_config(flow_calls=(2, 4), ddim_etas=(0.0, 1.0))
+    cfg = smoke_config(flow_calls=(2, 4), compare_etas=(0.0, 1.0))
     rows = flow_comparison(run, classifier, cfg, flow=flow)
     references, samples = split(rows)
     assert [(r["model"], r["images_from"], r.get("eta"), r["network_calls"]) for r in samples] == [
