@@ -19,6 +19,7 @@ Per quantity: the value of each seed, and the mean and spread (max - min) over s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -29,7 +30,6 @@ from common.config import check
 from common.plotting import markdown_table
 from gm.eval import load_or_train_classifier
 from gm.ldm import evaluate_ldm, ldm_config, report_samplers, train_ldm
-from gm.sampler import SamplerSpec
 from gm.vae import gan_config, train_vae
 from gm.vae_eval import evaluate
 
@@ -87,8 +87,7 @@ def run_seeds(cfg: SeedsConfig) -> dict:
             classifier = load_or_train_classifier(dataset, cfg.profile).model
             ldm = train_ldm(ldm_config(dataset, cfg.profile, seed=seed, progress=False))
             ddim = report_samplers(ldm.config)["ddim"]
-            samplers = {f"eta{eta:g}": SamplerSpec(ddim.process, ddim.steps, eta, ddim.guidance_scale)
-                        for eta in (0.0, 1.0)}
+            samplers = {f"eta{eta:g}": dataclasses.replace(ddim, eta=eta) for eta in (0.0, 1.0)}
             for r in evaluate_ldm(ldm, classifier, samplers, progress=False)[2:]:
                 rows.append({"seed": seed, "quantity": f"{dataset} LDM cond. accuracy, {r['images_from']} eta "
                                                        f"{r['eta']:g}", "value": r["cond_accuracy"]})

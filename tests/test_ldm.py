@@ -78,21 +78,23 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
     run = train_ldm(cfg, vae=tiny_vae())
     rows = evaluate_ldm(run, Classifier(1, width=4).eval(), fig_prefix=tmp_path / "ldm_mnist")  # report_samplers
     assert [r["images_from"] for r in rows] == ["real test images (baseline)", "VAE reconstructions of them",
-                                                "DDPM-20", "DDIM-5"]
+                                                "DDPM-20", "DDIM-5", "DDIM-5"]
+    assert [r.get("eta") for r in rows[2:]] == [None, 1.0, 0.0]  # the report's eta, then the deterministic one
     # baselines: as many real images as DDIM generates; DDPM: its own (smaller) count
-    assert [r["n"] for r in rows] == [30, 30, 20, 30]
+    assert [r["n"] for r in rows] == [30, 30, 20, 30, 30]
     for row in rows:
         (acc_lo, acc_hi), (kid_lo, kid_hi) = row["cond_accuracy_ci"], row["kid_ci"]
         assert 0 <= acc_lo <= row["cond_accuracy"] <= acc_hi <= 1 and kid_lo < row["kid"] < kid_hi
         assert row["feature_fd"] >= 0
     assert rows[2]["speed_up"] == 1.0 and rows[3]["images_per_s"] > 0
-    assert [r["network_calls"] for r in rows[2:]] == [20, 5]
+    assert [r["network_calls"] for r in rows[2:]] == [20, 5, 5]
     assert (tmp_path / "ldm_mnist_ddpm.png").is_file() and (tmp_path / "ldm_mnist_ddim.png").is_file()
     assert table(rows).startswith("| dataset | images from | n | cond. accuracy | acc. 95% CI |")  # display names
     # keys name the sampler and its steps as run; "ddim50_*"/"ddpm1000_*" only where DDIM-50/DDPM-1000 ran
     headline = summary(rows, cfg)
     assert headline["n"] == headline["ddim_5_n"] == 30 and headline["ddpm_20_n"] == 20
     assert headline["ddim_5_fd"] == rows[3]["feature_fd"] and not any(k.startswith("ddim50") for k in headline)
+    assert headline["ddim_5_eta0_cond_acc"] == rows[4]["cond_accuracy"] and headline["ddim_5_eta0_n"] == 30
     assert headline["real_fd"] == rows[0]["feature_fd"] and len(headline["ddim_5_cond_acc_ci"]) == 2
     assert "eta" not in rows[2] and rows[3]["eta"] == headline["eta"] == cfg.ddim_eta == 1.0
     assert headline["train_steps"] == cfg.steps
