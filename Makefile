@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # OMP_WAIT_POLICY is left to OpenMP's default (idle threads spin briefly, then sleep). PASSIVE (never spin) made the
 # small convolutions of Part Two pay a wake-up per parallel region: a latent-UNet training step ran ~1.3x slower.
 
-.PHONY: figures test lint notebook setup clean-cache lab kernel
+.PHONY: figures seeds test lint notebook setup clean-cache lab kernel
 
 $(VENV)/.installed: requirements.txt requirements-offline.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,13 @@ setup: $(VENV)/.installed
 figures: $(VENV)/.installed
 	HW3_NPROC=$(NPROC) $(PY) -m course.run_notebooks --profile $(PROFILE)$(if $(FROM), --from $(FROM))
 	$(PY) -m course.report
+
+# make seeds: the headline comparisons over 3 training seeds (mean and spread), too long for make figures:
+# fig/seeds_fm.md (DPO vs SFT, IPO vs DPO) and fig/seeds_gm.md (gan_weight, DDIM eta, LDM cond. accuracy).
+# Runs that the notebooks already trained with the same config load from checkpoints/.
+seeds: $(VENV)/.installed
+	$(PY) -m fm.seeds --profile $(PROFILE)
+	$(PY) -m gm.seeds --profile $(PROFILE)
 
 # make notebook NB=2_1  (runs one notebook headless)
 notebook: $(VENV)/.installed
