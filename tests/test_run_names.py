@@ -2,7 +2,8 @@
 
 EXPECTED was computed by the code of commit 652bf38 (before the bookkeeping fields were marked in the dataclasses'
 metadata): every preset of every profile and data set, the 1.4 and 2.4 experiment runs built from them, and the
-2.2 GAN grid. A changed name would silently retrain a run, or orphan its checkpoint.
+2.2 GAN grid. A changed name would silently retrain a run, or orphan its checkpoint. The quick GAN runs' names changed
+on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2).
 """
 
 from __future__ import annotations
@@ -116,15 +117,15 @@ EXPECTED = {
     "dpo/enhance/quick/ipo_0.1": "enhance_ipo_quick_8cc00ac9_sft-39656d4f",
     "vae/quick/mnist": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "vae/quick/mnist/ldm": "mnist_kl1e-06_gan0_quick_8db3c72e",
-    "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_1ff3558a",
-    "gan/quick/mnist/kl1e-06_gan0_adaptive": "mnist_kl1e-06_gan0_quick_cf41c6c2",
-    "gan/quick/mnist/kl1e-06_gan0.1_fixed": "mnist_kl1e-06_gan0.1_quick_ee711454",
-    "gan/quick/mnist/kl1e-06_gan0.1_adaptive": "mnist_kl1e-06_gan0.1_quick_23de78be",
+    "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_d383a314",
+    "gan/quick/mnist/kl1e-06_gan0_adaptive": "mnist_kl1e-06_gan0_quick_78c988a9",
+    "gan/quick/mnist/kl1e-06_gan0.1_fixed": "mnist_kl1e-06_gan0.1_quick_f9fa4b00",
+    "gan/quick/mnist/kl1e-06_gan0.1_adaptive": "mnist_kl1e-06_gan0.1_quick_ea262e68",
     "gan/quick/mnist/kl1e-06/base": "mnist_kl1e-06_gan0_quick_8db3c72e",
-    "gan/quick/mnist/kl0.001_gan0_fixed": "mnist_kl0.001_gan0_quick_19f4a164",
-    "gan/quick/mnist/kl0.001_gan0_adaptive": "mnist_kl0.001_gan0_quick_7352245a",
-    "gan/quick/mnist/kl0.001_gan0.1_fixed": "mnist_kl0.001_gan0.1_quick_7d8c4e08",
-    "gan/quick/mnist/kl0.001_gan0.1_adaptive": "mnist_kl0.001_gan0.1_quick_12c9ceef",
+    "gan/quick/mnist/kl0.001_gan0_fixed": "mnist_kl0.001_gan0_quick_70e9c225",
+    "gan/quick/mnist/kl0.001_gan0_adaptive": "mnist_kl0.001_gan0_quick_7634ead1",
+    "gan/quick/mnist/kl0.001_gan0.1_fixed": "mnist_kl0.001_gan0.1_quick_6445ec16",
+    "gan/quick/mnist/kl0.001_gan0.1_adaptive": "mnist_kl0.001_gan0.1_quick_50d5c8d2",
     "gan/quick/mnist/kl0.001/base": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "classifier/quick/mnist": "mnist_quick_ca484cd2",
     "ldm/quick/mnist": "mnist_quick_054510cb_vae01234567",
@@ -134,15 +135,15 @@ EXPECTED = {
     "ldm/quick/mnist/cosine + v-prediction": "mnist_quick_8a79e9f7_vae01234567",
     "vae/quick/cifar10": "cifar10_kl0.001_gan0_quick_c669eb88",
     "vae/quick/cifar10/ldm": "cifar10_kl1e-06_gan0_quick_be7a6583",
-    "gan/quick/cifar10/kl1e-06_gan0_fixed": "cifar10_kl1e-06_gan0_quick_eed84eb2",
-    "gan/quick/cifar10/kl1e-06_gan0_adaptive": "cifar10_kl1e-06_gan0_quick_bbc8767c",
-    "gan/quick/cifar10/kl1e-06_gan0.1_fixed": "cifar10_kl1e-06_gan0.1_quick_e6c6c995",
-    "gan/quick/cifar10/kl1e-06_gan0.1_adaptive": "cifar10_kl1e-06_gan0.1_quick_b36ed5ad",
+    "gan/quick/cifar10/kl1e-06_gan0_fixed": "cifar10_kl1e-06_gan0_quick_485901e9",
+    "gan/quick/cifar10/kl1e-06_gan0_adaptive": "cifar10_kl1e-06_gan0_quick_30403011",
+    "gan/quick/cifar10/kl1e-06_gan0.1_fixed": "cifar10_kl1e-06_gan0.1_quick_77e2a04f",
+    "gan/quick/cifar10/kl1e-06_gan0.1_adaptive": "cifar10_kl1e-06_gan0.1_quick_d01f0ae2",
     "gan/quick/cifar10/kl1e-06/base": "cifar10_kl1e-06_gan0_quick_be7a6583",
-    "gan/quick/cifar10/kl0.001_gan0_fixed": "cifar10_kl0.001_gan0_quick_5b5024a9",
-    "gan/quick/cifar10/kl0.001_gan0_adaptive": "cifar10_kl0.001_gan0_quick_b6b4fd90",
-    "gan/quick/cifar10/kl0.001_gan0.1_fixed": "cifar10_kl0.001_gan0.1_quick_78b43cdb",
-    "gan/quick/cifar10/kl0.001_gan0.1_adaptive": "cifar10_kl0.001_gan0.1_quick_2885da51",
+    "gan/quick/cifar10/kl0.001_gan0_fixed": "cifar10_kl0.001_gan0_quick_bca27182",
+    "gan/quick/cifar10/kl0.001_gan0_adaptive": "cifar10_kl0.001_gan0_quick_490fbdc1",
+    "gan/quick/cifar10/kl0.001_gan0.1_fixed": "cifar10_kl0.001_gan0.1_quick_d2b32a5d",
+    "gan/quick/cifar10/kl0.001_gan0.1_adaptive": "cifar10_kl0.001_gan0.1_quick_2bea5107",
     "gan/quick/cifar10/kl0.001/base": "cifar10_kl0.001_gan0_quick_c669eb88",
     "classifier/quick/cifar10": "cifar10_quick_52c6bc7e",
     "ldm/quick/cifar10": "cifar10_quick_4a8ad5a2_vae01234567",
