@@ -55,8 +55,13 @@ class LMEnhanceConfig:
     # 2. preference losses: `train_dpo` of `profile` (its pairs, steps, lr, batches) with (loss, beta) swapped, once
     # per training seed, evaluated on the DPO config's held-out test prompts as 1.3's DPO is; the (loss, beta, seed)
     # of 1.3's run is 1.3's run, loaded from its folder
-    variants: tuple[tuple[str, float], ...] = (("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0), ("ipo", 0.1))
+    variants: tuple[tuple[str, float], ...] = (("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0))
     seeds: tuple[int, ...] = (0, 1)  # training seeds (LoRA init, batch order); the pairs and prompts stay the same
+    # a cheaper run per frontier point where the budget needs it (0: the DPO profile's own steps, validation pairs
+    # and evaluation prompts, so that 1.3's (loss, beta, seed) is 1.3's run)
+    frontier_steps: int = 0
+    frontier_val_pairs: int = 0
+    frontier_prompts: int = 0
     label_smoothing: float = 0.1  # cDPO's assumed fraction of flipped labels
     # 3. decoding: sampling strategies on DPO and SFT (the KV cache is timed in 1.0)
     decode_prompts: int = 6  # held-out prompts (the homework prompt first)
@@ -70,6 +75,9 @@ class LMEnhanceConfig:
             check(getattr(self, name) > 0, f"LMEnhanceConfig.{name} must be positive, got {getattr(self, name)}")
         check(min(self.full_lr, self.lora_lr, self.lora_alpha) > 0, "lrs and lora_alpha must be > 0")
         check(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), f"seeds must be distinct: {self.seeds}")
+        for name in ("frontier_steps", "frontier_val_pairs", "frontier_prompts"):
+            check(getattr(self, name) >= 0, f"LMEnhanceConfig.{name} must be >= 0 (0: the DPO profile's)")
+        check(self.frontier_prompts != 1, "frontier_prompts must be >= 2 (a confidence interval needs 2)")
         unknown = {loss for loss, _ in self.variants} - set(PREFERENCE_LOSSES)
         check(not unknown, f"unknown preference variants {sorted(unknown)}; choose from {sorted(PREFERENCE_LOSSES)}")
         check(len(self.variants) > 0 and all(beta > 0 for _, beta in self.variants),
@@ -82,7 +90,9 @@ PRESETS = {
     "smoke": dict(profile="smoke", ft_steps=2, ft_eval_examples=4, full_lr=1e-3, lora_lr=1e-2, lora_rank=4,
                   lora_alpha=8.0, variants=(("dpo", 0.1), ("dpo", 0.5), ("cdpo", 0.1), ("ipo", 0.1)), seeds=(0, 1),
                   decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
-    "quick": dict(profile="quick"),
+    # 8 DPO runs (4 beta x 2 seeds) of 1.3's length do not fit the quick budget: 16 steps each (half an epoch),
+    # 32 validation pairs and 64 held-out prompts per point
+    "quick": dict(profile="quick", frontier_steps=16, frontier_val_pairs=32, frontier_prompts=64),
     "full": dict(profile="full", ft_steps=200, ft_eval_examples=256,
                  variants=(("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0), ("dpo", 5.0), ("cdpo", 0.1),
                            ("ipo", 0.1), ("ipo", 0.5)), seeds=(0, 1, 2),
@@ -144,10 +154,11 @@ def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
 def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Sequence[str],
                               reference: nn.Module | None = None, tokenizer=None) -> Comparison:
     """`train_dpo` of `cfg.profile` once per (loss, beta) of `cfg.variants` and training seed of `cfg.seeds` (same SFT
-    start, pairs, batches, steps and lr as 1.3's run; the run of 1.3's own (loss, beta, seed) is 1.3's, loaded from
-    its folder), each policy evaluated by `fm.dpo_analysis.evaluate_policy` on `prompts` with the seed of `sft` (the
-    SFT model's evaluation on them): oracle reward and KL from the SFT model with their CIs, fluency, and the win rate
-    against SFT. The losses use the summed log-ratios of the papers (`DPOConfig.length_normalize` off).
+    start, pairs, batches and lr as 1.3's run; its steps and validation pairs unless `cfg.frontier_steps` /
+    `cfg.frontier_val_pairs` ask for fewer; with 1.3's settings, 1.3's own (loss, beta, seed) is 1.3's run, loaded
+    from its folder), each policy evaluated by `fm.dpo_analysis.evaluate_policy` on `prompts` with the seed of `sft`
+    (the SFT model's evaluation on them): oracle reward and KL from the SFT model with their CIs, fluency, and the win
+    rate against SFT. The losses use the summed log-ratios of the papers (`DPOConfig.length_normalize` off).
     `reference`/`tokenizer`: the SFT model of the profile if already loaded (else `train_dpo` loads it).
 
     Rows also hold the seed, the final validation reward accuracy and the mean step time; `evals` keeps each
@@ -155,17 +166,23 @@ def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Se
     """
     rows, evals = [], {}
     base = dpo_config(cfg.profile)
+    shorter = {}  # the frontier's cheaper runs, when cfg asks for them
+    if cfg.frontier_steps:
+        shorter |= dict(steps=cfg.frontier_steps, warmup_steps=min(base.warmup_steps, cfg.frontier_steps - 1),
+                        eval_interval=0, run_name=f"frontier_{cfg.profile}")
+    if cfg.frontier_val_pairs:
+        shorter["val_pairs"] = cfg.frontier_val_pairs
     for loss, beta in cfg.variants:
         for seed in cfg.seeds:
             dcfg = dpo_config(cfg.profile, loss=loss, beta=beta, seed=seed,
-                              label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0)
+                              label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0, **shorter)
             result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
             name = (f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}, "
                     f"seed {seed}")
             ev = evaluate_policy(name, result.policy, result.reference, result.tokenizer, prompts, base.reply_tokens,
                                  seed=base.seed, batch_size=base.sample_batch_size, cache=True)
             rate, low, high = win_rate(ev.rewards, sft.rewards)
-            rows.append({"loss": LOSS_NAMES[loss], "beta": beta, "seed": seed, **ev.summary(),
+            rows.append({"loss": LOSS_NAMES[loss], "beta": beta, "seed": seed, "steps": dcfg.steps, **ev.summary(),
                          "win rate vs SFT": rate, "win CI low": low, "win CI high": high,
                          "val reward acc": result.trainer.eval_log.rows[-1]["val_rewards/accuracies"],
                          "train pairs": len(result.train_data),

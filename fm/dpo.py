@@ -210,12 +210,15 @@ PRESETS = {
     "smoke": dict(sft_profile="smoke", run_name="smoke", data_source="sentiment", sampled_pairs=8, train_pairs=16,
                   val_pairs=4, block_size=64, batch_size=2, eval_batch_size=4, steps=4, lr=1e-4, warmup_steps=1,
                   eval_interval=2, reply_tokens=12, sample_batch_size=8, eval_prompts=8),
-    # CPU: the quick SFT model (SmolLM2-135M or GPT-2), full fine-tuning; offline on 256 on-policy sentiment pairs
-    # (one epoch-ish at 8 pairs per step) with 200 validation pairs, then 200 held-out test prompts. Replies of <= 32
-    # new tokens (sampling, scoring and training time grow with the reply length).
+    # CPU: the quick SFT model (SmolLM2-135M or GPT-2) with LoRA adapters (rank 16 on every projection); offline on 256
+    # on-policy sentiment pairs, 40 steps of 8 pairs (1.25 epochs: a 64-step probe reached validation reward accuracy
+    # 0.58 / 0.66 / 0.67 / 0.665 after 16 / 32 / 48 / 64 steps, and 24 full fine-tuning steps at lr 7e-5, under one
+    # epoch, 0.56), 200 validation pairs, then 200 held-out test prompts. Replies of <= 32 new tokens (sampling,
+    # scoring and training time grow with the reply length).
     "quick": dict(sft_profile="quick", run_name="quick", sampled_pairs=256, train_pairs=256, val_pairs=200,
-                  block_size=128, batch_size=8, eval_batch_size=32, steps=24, lr=7e-5, warmup_steps=3,
-                  eval_interval=12, reply_tokens=32, tie_margin=0.1, sample_batch_size=256, eval_prompts=200),
+                  block_size=128, batch_size=8, eval_batch_size=32, steps=40, lr=5e-4, warmup_steps=3,
+                  eval_interval=20, reply_tokens=32, tie_margin=0.1, sample_batch_size=256, eval_prompts=200,
+                  lora_rank=16, lora_alpha=32.0),
     # GPU: the full SFT model (GPT-2 on HH) on all HH-RLHF pairs (offline: 4096 sentiment pairs), the DPO paper's
     # beta, lr and batch 64.
     "full": dict(sft_profile="full", run_name="full", sampled_pairs=4096, val_pairs=512, block_size=512, batch_size=8,

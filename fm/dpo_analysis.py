@@ -278,12 +278,13 @@ SUMMARY_KEYS = ("source", "n_train_pairs", "n_eval_prompts", "win_rate", "win_ra
                 "n_val_pairs")
 
 
-def frontier_point(method: str, beta: float, ev: PolicyEval, seed: int = 0) -> dict:
-    """One point of the reward-KL frontier: {method, beta, seed (the training seed), n_prompts, kl, kl_ci, reward,
-    reward_ci} of an evaluated policy, with the 95 % CIs of both means over its prompts."""
+def frontier_point(method: str, beta: float, ev: PolicyEval, seed: int = 0, steps: int = 0) -> dict:
+    """One point of the reward-KL frontier: {method, beta, seed (the training seed), steps (its training steps),
+    n_prompts, kl, kl_ci, reward, reward_ci} of an evaluated policy, with the 95 % CIs of both means over its
+    prompts."""
     kl, kl_low, kl_high = mean_ci(ev.log_ratios)
     reward, low, high = mean_ci(ev.rewards)
-    return {"method": method, "beta": beta, "seed": seed, "n_prompts": len(ev.rewards), "kl": kl,
+    return {"method": method, "beta": beta, "seed": seed, "steps": steps, "n_prompts": len(ev.rewards), "kl": kl,
             "kl_ci": [kl_low, kl_high], "reward": reward, "reward_ci": [low, high]}
 
 
@@ -307,11 +308,14 @@ def dpo_summary(source: str, n_train_pairs: int, sft: PolicyEval, dpo: PolicyEva
 
 def write_dpo_summary(path: str | Path, summary: dict) -> dict:
     """Write `summary` (`dpo_summary`) to `path`, keeping the frontier points of an earlier summary of the same source
-    whose (method, beta, seed) `summary` does not have: 1.3 writes its DPO point, 1.4 adds the other losses, betas
-    and seeds, and rerunning either keeps the other's points. Returns what was written."""
+    whose (method, beta, seed, steps) `summary` does not have: 1.3 writes its DPO point, 1.4 adds the other losses,
+    betas and seeds, and rerunning either keeps the other's points. Returns what was written."""
     path = Path(path)
     old = json.loads(path.read_text()) if path.is_file() else {}
-    key = lambda p: (p["method"], p["beta"], p.get("seed", 0))  # noqa: E731
+
+    def key(point: dict) -> tuple:
+        return point["method"], point["beta"], point.get("seed", 0), point.get("steps", 0)
+
     new_keys = {key(p) for p in summary["frontier"]}
     kept = [p for p in old.get("frontier", []) if old.get("source") == summary["source"] and key(p) not in new_keys]
     out = {**summary, "frontier": sorted([*summary["frontier"], *kept], key=key)}

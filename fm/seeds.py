@@ -64,7 +64,8 @@ def run_seeds(cfg: SeedsConfig) -> dict:
     prompts = chitchat_prompts("test", dcfg.seed)[: dcfg.eval_prompts]
     sft = evaluate_policy("SFT", reference, reference, tokenizer, prompts, dcfg.reply_tokens, seed=dcfg.seed,
                           batch_size=dcfg.sample_batch_size, cache=True)
-    enhance = lm_enhance_config(cfg.profile, variants=cfg.variants, seeds=cfg.seeds)
+    enhance = lm_enhance_config(cfg.profile, variants=cfg.variants, seeds=cfg.seeds, frontier_steps=0,
+                                frontier_val_pairs=0)  # 1.3's runs, not the frontier's shorter ones
     result = compare_preference_losses(enhance, sft, prompts, reference, tokenizer)
     evals = dict(zip(((r["loss"], r["beta"], r["seed"]) for r in result.rows), result.evals.values(), strict=True))
     first = (LOSS_NAMES[cfg.variants[0][0]], cfg.variants[0][1])
