@@ -27,6 +27,12 @@ def notebook_dirs(tmp_path_factory) -> dict[str, str]:
     return {"HW3_FIG_DIR": str(root / "fig"), "HW3_CKPT_DIR": str(root / "checkpoints")}
 
 
+@pytest.fixture(scope="session")
+def notebooks_ran() -> set[str]:
+    """Names of the notebooks that ran cleanly in the smoke profile this session, headless or in the browser."""
+    return set()
+
+
 @pytest.fixture
 def interrupt_at():
     """`interrupt_at(setup, step)`: run `setup.trainer.fit` and crash at `step`, as a killed run would.
@@ -47,6 +53,9 @@ def interrupt_at():
 
 
 def pytest_collection_modifyitems(items):
-    """The browser test runs last: the headless smoke runs before it have trained every notebook's runs in the
-    shared `notebook_dirs`, so the browser's Run All loads them instead of training again."""
-    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)  # stable: keeps the order otherwise
+    """The browser tests run after the others (the headless run of a notebook, if any, trains its runs in the shared
+    `notebook_dirs` first), and the `after_notebooks` tests last: they read what every notebook run wrote."""
+    def stage(item) -> int:
+        return 2 if item.get_closest_marker("after_notebooks") else 1 if item.get_closest_marker("browser") else 0
+
+    items.sort(key=stage)  # stable: keeps the order otherwise

@@ -8,8 +8,9 @@ solution is pasted into fm/attention.py, Run All again in the same kernel (no re
 
 Needs `playwright` (PyPI; `playwright install` is not needed: Debian's /usr/bin/chromium is driven) and chromium
 (`apt-get install chromium`). Without them the test skips with that command, unless HW3_REQUIRE_BROWSER=1 (CI), where
-it fails. The runs share the headless smoke test's checkpoints (`notebook_dirs`): whichever runs a notebook second
-loads its finished training runs.
+it fails. This is the session's smoke run of every notebook: tests/test_notebooks.py runs only 1_1 headless (all of
+them where the browser is missing) and checks, after this test, that the notebooks wrote every file the report
+includes (`notebook_dirs`, `notebooks_ran`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ PROMPTS_JS = (f"() => [...document.querySelectorAll('{PANEL} .jp-CodeCell .jp-In
 IMAGES_JS = "els => els.map(e => e.getAttribute('src'))"
 
 
-def _require_browser() -> None:
+def browser_missing() -> str | None:
+    """What this machine lacks to run the browser test (a sentence with the install commands), or None."""
     missing = []
     try:
         import playwright.sync_api  # noqa: F401
@@ -66,8 +68,12 @@ def _require_browser() -> None:
         missing.append("playwright (`pip install playwright`)")
     if not CHROMIUM.exists():
         missing.append("chromium (`apt-get install chromium`)")
-    if missing:
-        message = "the browser test needs " + " and ".join(missing)
+    return "the browser test needs " + " and ".join(missing) if missing else None
+
+
+def _require_browser() -> None:
+    message = browser_missing()
+    if message is not None:
         if os.environ.get("HW3_REQUIRE_BROWSER"):
             pytest.fail(message + " (HW3_REQUIRE_BROWSER is set)")
         pytest.skip(message)
@@ -210,7 +216,7 @@ def kernel_env(notebook_dirs) -> dict[str, str]:
     return {"HW3_PROFILE": "smoke", "HW3_DATA_DIR": str(data_dir()), **notebook_dirs}
 
 
-def test_every_notebook_in_jupyterlab(browser, kernel_env, tmp_path):
+def test_every_notebook_in_jupyterlab(browser, kernel_env, notebooks_ran, tmp_path):
     tree = _copy_tree(ROOT, tmp_path / "hw3")
     figures = Path(kernel_env["HW3_FIG_DIR"])
     report, failures = {}, []
@@ -241,6 +247,8 @@ def test_every_notebook_in_jupyterlab(browser, kernel_env, tmp_path):
                                  "open s": round(opened - start, 1), "run s": round(ran - opened, 1),
                                  "save and check s": round(time.perf_counter() - ran, 1)}
             failures += [f"{path.name}: {p}" for p in problems]
+            if not problems:
+                notebooks_ran.add(path.name)
             lab.close()
         not_found = lab.not_found
     print(json.dumps(report, indent=1))

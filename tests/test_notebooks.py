@@ -1,6 +1,10 @@
 """Every notebook runs end to end in the `smoke` profile (a few steps each) and shows what it saves, so a broken
 notebook fails CI; together they write every file the report includes. The runner restarts a sequence, shows a
-notebook's own output and hides the kernel's transport warning; a notebook picks up an edit without a restart."""
+notebook's own output and hides the kernel's transport warning; a notebook picks up an edit without a restart.
+
+Each notebook runs once per session: tests/test_browser.py runs every one with Run All in JupyterLab and checks what
+the runner of `make figures` checks (`output_problems`) and more, so the runner here runs one real notebook (every
+notebook where the browser test cannot run); its checks have their own tests below, on small notebooks."""
 
 import json
 import re
@@ -8,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from test_browser import browser_missing
 
 from course import run_notebooks
 from course.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebooks, main, notebooks_from, run_notebook
@@ -15,7 +20,9 @@ from course.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebook
 ROOT = Path(__file__).parent.parent
 # fig/ files that the report includes but no notebook writes: the benchmarks' results and make figures' timing table
 NOT_FROM_NOTEBOOKS = re.compile(r"^(bench_|kv_cache_bench_|gpu_probe|notebook_times_)")
-SMOKE_RAN: list[str] = []
+# the notebooks the runner of `make figures` runs here: all where the browser test cannot run them, else the
+# quickest one (1_1: a few seconds), which the browser test runs again
+HEADLESS = list_notebooks() if browser_missing() else [p for p in list_notebooks() if p.name.startswith("1_1")]
 
 
 def report_files() -> set[str]:
@@ -27,18 +34,19 @@ def report_files() -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", list_notebooks(), ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_profile(path, notebook_dirs, monkeypatch):
+@pytest.mark.parametrize("path", HEADLESS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_profile(path, notebook_dirs, notebooks_ran, monkeypatch):
     for name, value in notebook_dirs.items():
         monkeypatch.setenv(name, value)
     run_notebook(path, profile="smoke", timeout=600)  # raises on a failing cell or a figure saved but not shown
-    SMOKE_RAN.append(path.name)
+    notebooks_ran.add(path.name)
 
 
 @pytest.mark.slow
-def test_notebooks_write_every_file_the_report_includes(notebook_dirs):
-    if len(SMOKE_RAN) < len(list_notebooks()):
-        pytest.skip("needs the smoke run of every notebook in this session")
+@pytest.mark.after_notebooks
+def test_notebooks_write_every_file_the_report_includes(notebook_dirs, notebooks_ran):
+    if missed := sorted({p.name for p in list_notebooks()} - notebooks_ran):
+        pytest.skip(f"needs the smoke run of every notebook in this session (not run: {', '.join(missed)})")
     written = {p.name for p in Path(notebook_dirs["HW3_FIG_DIR"]).iterdir()}
     assert report_files(), "no fig/ file found in report/*.md"
     assert sorted(report_files() - written) == []
