@@ -382,12 +382,13 @@ def flow_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, 
 
 
 def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]:
-    """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, kid, kid_ci, images_per_s}} for
-    fig/part2_summary.json; a row's label joins its `label_keys` values with "_" (e.g. "DDIM-50_1" for
-    ("images_from", "eta"))."""
+    """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, kid, kid_ci, images_per_s,
+    latent_std, latent_max}} for fig/part2_summary.json; a row's label joins its `label_keys` values with "_" (e.g.
+    "DDIM-50_1" for ("images_from", "eta"))."""
     return {"_".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in label_keys if k in r): {
         "n": r["n"], "cond_acc": r["cond_accuracy"], "cond_acc_ci": list(r["cond_accuracy_ci"]),
-        "fd": r["feature_fd"], "kid": r["kid"], "kid_ci": list(r["kid_ci"]), "images_per_s": r["images_per_s"]}
+        "fd": r["feature_fd"], "kid": r["kid"], "kid_ci": list(r["kid_ci"]), "images_per_s": r["images_per_s"],
+        **{k: r[k] for k in ("latent_std", "latent_max") if k in r}}
         for r in _split(rows)[1]}
 
 
