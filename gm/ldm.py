@@ -327,8 +327,9 @@ def plot_loss(run: LDMRun, path: str | Path, window: int = 25) -> Path:
     for key, label in (("val_loss", "test, raw weights"), ("val_loss_ema", "test, EMA weights")):
         series[label] = ([r["step"] for r in run.eval_rows], [r[key] for r in run.eval_rows])
     cfg = run.config
-    return plot_curves(series, path, f"LDM eps-MSE on {cfg.dataset} latents ({cfg.profile} profile)",
-                       ylabel="MSE", logy=True)
+    what = "eps-MSE" if cfg.process == "ddpm" else "velocity MSE"
+    return plot_curves(series, path, f"LDM {what} on {cfg.dataset} latents ({cfg.profile} profile)",
+                       ylabel=f"{what} per latent value (normalised latents, eps ~ N(0, 1))", logy=True)
 
 
 # --------------------------------------------------------------------------------------------- sampling and metrics
