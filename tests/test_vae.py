@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from gm import vae as gm_vae
+from gm.eval import Classifier
 from gm.loss import kl_divergence, reconstruction_loss
 from gm.model import VAE
 from gm.vae import load_or_train_vae, load_vae, train_vae, vae_config
-from gm.vae_eval import evaluate, figure_panels, sharpness
+from gm.vae_eval import evaluate, feature_distance, figure_panels, sharpness, zoomed_crops
 
 
 def test_kl_matches_monte_carlo():
@@ -149,3 +150,21 @@ def test_sharpness_and_evaluate():
     assert list(panels) == ["inputs", "reconstructions", "prior samples"]
     assert all(p.shape == (4, 1, 32, 32) for p in panels.values())
     assert len(set(panels["inputs"].flatten(1).sum(1).tolist())) == 4  # a shuffled, not a repeated, subset
+
+
+def test_feature_distance_per_image_values_and_zoomed_crops():
+    judge = Classifier(1, width=4).eval()
+    x = torch.rand(6, 1, 32, 32)
+    assert torch.allclose(feature_distance(judge, x, x), torch.zeros(6), atol=1e-6)  # an image is at 0 from itself
+    far = feature_distance(judge, 1 - x, x)
+    assert far.shape == (6,) and (far > 0).all() and (far <= 2).all()
+    vae = VAE(1, num_channels=8)
+    m = evaluate(vae, "mnist", num_images=40, batch_size=16, judge=judge, per_image=True)
+    per = m["per_image"]
+    assert set(per) == {"recon_error", "psnr_db", "kl_nats", "neg_elbo_nats", "sharpness", "feature_dist"}
+    assert all(v.shape == (40,) for v in per.values())
+    assert m["feature_dist"] == pytest.approx(per["feature_dist"].double().mean().item())
+    assert m["sharpness"] == pytest.approx(per["sharpness"].double().mean().item()) and m["sharpness_ci95"] > 0
+    crops = zoomed_crops(torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32), size=4, scale=3,
+                         top_left=(1, 2))
+    assert crops.shape == (2, 1, 12, 12) and crops[0, 0, 0, 0].item() == 32 + 2 and crops[0, 0, 0, 3].item() == 33 + 2
