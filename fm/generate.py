@@ -256,8 +256,8 @@ def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Se
     cached keys and values. `input_ids` (B, T) are the prompts; `kwargs` go to `generate` (no `eos_token_id`, so
     every run makes exactly n tokens). The repeats alternate cached and uncached runs, so a slow spell of the machine
     hits both. Row: n, the median seconds and new tokens/s (all B rows counted) of both, the speed-up of the medians,
-    the smallest and largest per-repeat speed-up, the work ratio of `kv_cache_work_ratio` and whether every run
-    produced the same tokens. A short warm-up run first pays the one-off allocations.
+    the smallest and largest per-repeat speed-up, the work ratio of `kv_cache_work_ratio` and whether every repeat's
+    cached and uncached runs produced the same tokens. A short warm-up run first pays the one-off allocations.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -265,13 +265,14 @@ def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Se
     generate(model, input_ids, 2, temperature=0.0, **kwargs)
     rows = []
     for n in new_tokens:
-        seconds, outputs = {True: [], False: []}, {}
+        seconds, outputs, same = {True: [], False: []}, {}, True
         for _ in range(repeats):
             for use_cache in (True, False):
                 outputs[use_cache], spent = timed(
                     lambda c=use_cache, n=n: generate(model, input_ids, n, temperature=0.0, use_cache=c, **kwargs),
                     device)
                 seconds[use_cache].append(spent)
+            same = same and torch.equal(outputs[True], outputs[False])
         cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
         ratios = [u / c for c, u in zip(seconds[True], seconds[False], strict=True)]
         made = n * input_ids.shape[0]
@@ -279,5 +280,5 @@ def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Se
                      "cached tokens/s": made / cached, "uncached tokens/s": made / uncached,
                      "speed-up": uncached / cached, "speed-up min": min(ratios), "speed-up max": max(ratios),
                      "work ratio": kv_cache_work_ratio(input_ids.shape[1], n),
-                     "same tokens": torch.equal(outputs[True], outputs[False])})
+                     "same tokens": same})
     return rows
