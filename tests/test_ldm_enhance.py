@@ -73,7 +73,7 @@ def test_config_presets_and_validation():
         smoke_config(compare_eta=-1.0)
     with pytest.raises(ValueError, match="flow_calls must be even"):
         smoke_config(flow_calls=(3,))
-    assert ldm_enhance_config("quick").flow_calls == (10, 20, 50)
+    assert ldm_enhance_config("quick").flow_calls == (10, 20) and ldm_enhance_config("full").flow_calls == (10, 20, 50)
     assert 10 * ldm_enhance_config("quick").flow_samples_per_class == 500  # 500 images per point
 
 
