@@ -392,6 +392,28 @@ def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]
         for r in _split(rows)[1]}
 
 
+def compare_rates(a: dict, b: dict) -> str:
+    """Which of two rows has the higher conditional accuracy, told apart by their 95 % CIs: "higher" (a's interval
+    wholly above b's), "lower", or "no difference" (the intervals overlap)."""
+    (a_lo, a_hi), (b_lo, b_hi) = a["cond_accuracy_ci"], b["cond_accuracy_ci"]
+    return "higher" if a_lo > b_hi else "lower" if a_hi < b_lo else "no difference"
+
+
+def flow_verdict(rows: Sequence[dict]) -> dict[str, dict]:
+    """Per number of network calls of a `flow_comparison`: the flow sampler with the higher conditional accuracy
+    (Euler or Heun) against the DDIM row with the higher one (any eta), as {calls: {"flow", "flow_acc", "ddim",
+    "ddim_acc", "flow_is": `compare_rates(flow, ddim)`}} for fig/part2_summary.json."""
+    out = {}
+    for calls in dict.fromkeys(r["network_calls"] for r in _split(rows)[1]):
+        at = [r for r in _split(rows)[1] if r["network_calls"] == calls]
+        flow = max((r for r in at if r["model"] == "flow"), key=lambda r: r["cond_accuracy"])
+        ddim = max((r for r in at if r["model"] != "flow"), key=lambda r: r["cond_accuracy"])
+        out[str(calls)] = {"flow": flow["images_from"], "flow_acc": flow["cond_accuracy"],
+                           "ddim": f"{ddim['images_from']} eta {ddim['eta']:g}", "ddim_acc": ddim["cond_accuracy"],
+                           "flow_is": compare_rates(flow, ddim)}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- figures
 
 

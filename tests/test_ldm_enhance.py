@@ -10,9 +10,11 @@ import torch
 from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
     LDMEnhanceConfig,
+    compare_rates,
     eps_bias,
     eta_table,
     flow_comparison,
+    flow_verdict,
     gap_experiments,
     guidance_sweep,
     headline,
@@ -220,3 +222,14 @@ def test_flow_comparison_at_equal_network_calls(tiny, tmp_path):
     assert len({r["feature_fd"] for r in samples}) == len(samples)  # every sampler draws other images
     assert list(headline(rows, ("images_from", "eta")))[:3] == ["DDIM-2_0", "DDIM-2_1", "Flow Euler-2"]
     assert plot_flow_comparison(rows, tmp_path / "flow.png", "smoke").stat().st_size > 0
+    verdict = flow_verdict(rows)
+    assert list(verdict) == ["2", "4"] and verdict["2"]["flow"].startswith("Flow")
+    assert verdict["2"]["ddim"].startswith("DDIM-2 eta") and verdict["4"]["flow_is"] in ("higher", "lower",
+                                                                                         "no difference")
+
+
+def test_compare_rates_tells_rows_apart_by_their_intervals():
+    row = lambda lo, hi: {"cond_accuracy_ci": (lo, hi)}  # noqa: E731
+    assert compare_rates(row(0.9, 0.95), row(0.7, 0.8)) == "higher"
+    assert compare_rates(row(0.7, 0.8), row(0.9, 0.95)) == "lower"
+    assert compare_rates(row(0.7, 0.9), row(0.85, 0.95)) == "no difference"
