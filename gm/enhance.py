@@ -393,10 +393,10 @@ def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]
 
 
 def compare_rates(a: dict, b: dict) -> str:
-    """Which of two rows has the higher conditional accuracy, told apart by their 95 % CIs: "higher" (a's interval
-    wholly above b's), "lower", or "no difference" (the intervals overlap)."""
+    """How row a's conditional accuracy compares with row b's, told apart by their 95 % CIs: "higher than" (a's
+    interval wholly above b's), "lower than", or "not different from" (the intervals overlap)."""
     (a_lo, a_hi), (b_lo, b_hi) = a["cond_accuracy_ci"], b["cond_accuracy_ci"]
-    return "higher" if a_lo > b_hi else "lower" if a_hi < b_lo else "no difference"
+    return "higher than" if a_lo > b_hi else "lower than" if a_hi < b_lo else "not different from"
 
 
 def flow_verdict(rows: Sequence[dict]) -> dict[str, dict]:

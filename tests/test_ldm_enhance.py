@@ -224,12 +224,12 @@ def test_flow_comparison_at_equal_network_calls(tiny, tmp_path):
     assert plot_flow_comparison(rows, tmp_path / "flow.png", "smoke").stat().st_size > 0
     verdict = flow_verdict(rows)
     assert list(verdict) == ["2", "4"] and verdict["2"]["flow"].startswith("Flow")
-    assert verdict["2"]["ddim"].startswith("DDIM-2 eta") and verdict["4"]["flow_is"] in ("higher", "lower",
-                                                                                         "no difference")
+    assert verdict["2"]["ddim"].startswith("DDIM-2 eta") and verdict["4"]["flow_is"] in (
+        "higher than", "lower than", "not different from")
 
 
 def test_compare_rates_tells_rows_apart_by_their_intervals():
     row = lambda lo, hi: {"cond_accuracy_ci": (lo, hi)}  # noqa: E731
-    assert compare_rates(row(0.9, 0.95), row(0.7, 0.8)) == "higher"
-    assert compare_rates(row(0.7, 0.8), row(0.9, 0.95)) == "lower"
-    assert compare_rates(row(0.7, 0.9), row(0.85, 0.95)) == "no difference"
+    assert compare_rates(row(0.9, 0.95), row(0.7, 0.8)) == "higher than"
+    assert compare_rates(row(0.7, 0.8), row(0.9, 0.95)) == "lower than"
+    assert compare_rates(row(0.7, 0.9), row(0.85, 0.95)) == "not different from"
