@@ -1,11 +1,14 @@
-"""`make grade-all` (`python -m course.grade_all`) on a generated class of 11 submissions, graded once per module
-with 2 jobs (`graded_class`): the two `make submit` zips of tests/test_submit.py (the solution, only 1.1 done), a fresh
-release, typical wrong answers, a syntax error (with 1.1 done), a hang in 2.1 (with 2.3 done) and a zip with a path
-outside its folder (refused before any grading).
+"""`make grade-all` (`python -m course.grade_all`) on a generated class of 7 submissions, graded once per module
+with 2 jobs (`graded_class`) on the tasks that their mistakes are in (`--tasks 1.1,1.3,2.1,2.3`): the two `make
+submit` zips of tests/test_submit.py (the solution, only 1.1 done), typical wrong answers (two of them in different
+tasks of one submission: each task is graded on its own), a hang in 2.1 beside a syntax error in 1.3 (with 1.1 and
+2.3 done) and a zip with a path outside its folder (refused before any grading).
 
+What a task's checks give a full solution, a fresh release, a crash or a wrong attention is tested task by task in
+tests/test_course.py (every task); here the batch: its rows, statuses, summary, Gradescope results and re-runs.
 Every task runs under a 20 s limit (the hang's cost; the solution's slowest task took 6 s on 2 loaded cores). The
-class takes 2-3.5 min on 2 shared cores (10 gradings of 6 sandboxed workers each), plus tests/test_submit.py's
-hand-ins, made once per session and shared by both modules.
+class is 6 gradings of 4 sandboxed workers each, plus tests/test_submit.py's hand-ins, made once per session and
+shared by both modules.
 """
 
 import csv
@@ -18,41 +21,40 @@ import pytest
 from test_submit import shared_release, student_tree, submitted
 
 from course.grade_all import MAX_FILES, RefusedZip, grade_all, gradescope_results, safe_unzip
-from course.tasks import TASKS
+from course.tasks import task_by_id
 
 TIMEOUT = 20  # seconds per task: what the hang costs
-ALL = [t.id for t in TASKS]
+GRADED = ["1.1", "1.3", "2.1", "2.3"]  # 1.2 and 2.2 hold no mistake of this class
+FULL = {t: task_by_id(t).points for t in GRADED}
 WRONG = {  # folder: (tasks pasted back, {task: {function: body}}), each a mistake students make
     "no-sqrt-d": (["1.1"], {"1.1": {"multi_head_self_attention": """
         weights = F.softmax(get_masked_attention(Q @ K.transpose(-2, -1), mask, attention_mask), dim=-1)
         out = attention_dropout(weights) @ V
         return (out, weights) if return_weights else out
     """}}),
-    "mask-after-softmax": (["1.1"], {"1.1": {"multi_head_self_attention": """
+    "mask-after-softmax-kl-sign": (["1.1", "2.1"], {"1.1": {"multi_head_self_attention": """
         weights = F.softmax(Q @ K.transpose(-2, -1) / math.sqrt(Q.shape[-1]), dim=-1)
         weights = get_masked_attention(weights, mask, attention_mask).clamp(min=0)
         out = attention_dropout(weights) @ V
         return (out, weights) if return_weights else out
+    """}, "2.1": {"kl_divergence": """
+        per_dim = 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0)
+        return -per_dim.flatten(1).sum(dim=1)
     """}}),
-    "inf-fill": (["1.1"], {"1.1": {"get_masked_attention": """
+    "inf-fill-ddim-no-sigma": (["1.1", "2.3"], {"1.1": {"get_masked_attention": """
         allowed = mask.to(torch.bool)
         if attention_mask is not None:
             allowed = allowed & attention_mask.to(torch.bool)[:, None, None, :]
         return attention.masked_fill(~allowed, float("-inf"))
-    """}}),
-    "kl-sign": (["2.1"], {"2.1": {"kl_divergence": """
-        per_dim = 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1.0)
-        return -per_dim.flatten(1).sum(dim=1)
-    """}}),
-    "ddim-no-sigma": (["2.3"], {"2.3": {"ddim_update": """
+    """}, "2.3": {"ddim_update": """
         abar_prev = _bcast(self._abar_prev(t_prev), x0_hat.ndim)
         return abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps_hat
     """}}),
-    "syntax-error": (["1.1", "1.3"], {"1.3": {"dpo_loss": "return losses chosen_rewards\n"}}),
-    "hang": (["2.1", "2.3"], {"2.1": {"kl_divergence": "while True:\n    pass\n"}}),
+    "hang": (["1.1", "1.3", "2.1", "2.3"], {"1.3": {"dpo_loss": "return losses chosen_rewards\n"},
+                                           "2.1": {"kl_divergence": "while True:\n    pass\n"}}),
 }
-WRONG_TASK = {"no-sqrt-d": "1.1", "mask-after-softmax": "1.1", "inf-fill": "1.1", "kl-sign": "2.1",
-              "ddim-no-sigma": "2.3"}
+WRONG_TASKS = {"no-sqrt-d": {"1.1"}, "mask-after-softmax-kl-sign": {"1.1", "2.1"},
+               "inf-fill-ddim-no-sigma": {"1.1", "2.3"}}
 
 
 def _escape_zip(path: Path) -> None:
@@ -70,12 +72,11 @@ def graded_class(tmp_path_factory):
     subs.mkdir()
     for path, _ in hand_ins.values():
         (subs / path.name).write_bytes(path.read_bytes())
-    student_tree(release, subs / "fresh", [])
     for name, (tasks, bodies) in WRONG.items():
         student_tree(release, subs / name, tasks, bodies)
     _escape_zip(subs / "submission-escape.zip")
     out = root / "grades"
-    rows = grade_all(subs, out, jobs=2, timeout=TIMEOUT, gradescope=True)
+    rows = grade_all(subs, out, jobs=2, tasks=[task_by_id(t) for t in GRADED], timeout=TIMEOUT, gradescope=True)
     return subs, out, {r.id: r for r in rows}
 
 
@@ -88,27 +89,26 @@ def _gradebook(out: Path) -> dict[str, dict[str, str]]:
 def test_the_gradebook_has_the_expected_points_for_every_submission(graded_class):
     subs, out, rows = graded_class
     book = _gradebook(out)
-    assert list(book) == sorted(book) and len(book) == 11
-    assert list(next(iter(book.values()))) == ["id", *ALL, "total", "status", "seconds", "reason"]
-    full = {t.id: t.points for t in TASKS}
+    assert list(book) == sorted(book) and len(book) == 7
+    assert list(next(iter(book.values()))) == ["id", *GRADED, "total", "status", "seconds", "reason"]
 
     def expect(sid: str, points: dict[str, float], status: str = "graded") -> None:
         row = book[sid]
-        assert {t: float(row[t]) for t in ALL} == {t: points.get(t, 0.0) for t in ALL}, (sid, row)
+        assert {t: float(row[t]) for t in GRADED} == {t: points.get(t, 0.0) for t in GRADED}, (sid, row)
         assert float(row["total"]) == sum(points.values()) and row["status"] == status, (sid, row)
         assert float(row["seconds"]) > 0, sid
 
-    expect("solution", full)  # the `make submit` zip of the solution: 100 %
+    expect("solution", FULL)  # the `make submit` zip of the solution: every graded task full
     expect("only-1.1", {"1.1": 15})  # the `make submit` zip of a release with only 1.1 done
-    expect("fresh", {})
-    expect("syntax-error", {"1.1": 15})
-    assert "SyntaxError" in json.dumps(json.loads((out / "syntax-error" / "grade.json").read_text())["tasks"][2])
-    expect("hang", {"2.3": 30}, "timeout")  # a hang in one task costs that task only
+    # a hang costs its task only, and a syntax error the tasks that import its file (1.3: fm/dpo.py)
+    expect("hang", {"1.1": 15, "2.3": 30}, "timeout")
     assert f"2.1: timed out after {TIMEOUT} s" in book["hang"]["reason"]
-    for sid, task in WRONG_TASK.items():  # partial or no credit on the task with the mistake, 0 elsewhere
+    dpo = json.loads((out / "hang" / "grade.json").read_text())["tasks"][GRADED.index("1.3")]
+    assert dpo["status"] == "graded" and "SyntaxError" in json.dumps(dpo)
+    for sid, tasks in WRONG_TASKS.items():  # partial or no credit on the tasks with a mistake, 0 elsewhere
         row = book[sid]
-        assert 0 <= float(row[task]) < full[task] and row["status"] == "graded", (sid, row)
-        assert all(float(row[t]) == 0 for t in ALL if t != task), (sid, row)
+        assert row["status"] == "graded" and all(0 <= float(row[t]) < FULL[t] for t in tasks), (sid, row)
+        assert all(float(row[t]) == 0 for t in GRADED if t not in tasks), (sid, row)
     assert float(book["no-sqrt-d"]["1.1"]) > 0  # the masking checks still pass
     escape = book["escape"]
     assert escape["status"] == "refused" and float(escape["total"]) == 0
@@ -127,12 +127,13 @@ def test_the_summary_has_per_task_statistics_first_failures_and_the_failed_gradi
     cells = [c.strip() for c in line.strip("|").split("|")]
     points = [rows[s].points["1.1"] for s in rows]
     assert cells[1] == "15" and float(cells[2]) == pytest.approx(sum(points) / len(points), abs=0.05)
-    assert sum(int(c) for c in cells[4:]) == len(rows) == 11  # the histogram counts every submission
-    assert int(cells[-1]) == sum(p == 15 for p in points)  # "full"
+    assert sum(int(c) for c in cells[4:]) == len(rows) == 7  # the histogram counts every submission
+    assert int(cells[-1]) == sum(p == 15 for p in points) == 3  # "full": the solution, only-1.1 and hang
+    assert not any(x.startswith(("| 1.2 ", "| 2.2 ")) for x in summary.splitlines())  # tasks not graded
     firsts = {x.split("**")[1]: x for x in summary.splitlines() if x.startswith("- **")}
-    assert set(firsts) == set(ALL) and "timeout (1)" in firsts["2.1"]  # the hang's first failure
+    assert set(firsts) == set(GRADED) and "timeout (1)" in firsts["2.1"]  # the hang's first failure
     assert "Task" not in firsts["1.1"] and "reference check" in firsts["1.1"]  # check names, not messages
-    assert "**1.3**: " in summary and "## Submissions that failed to grade" in summary
+    assert "## Submissions that failed to grade" in summary
     assert "- `escape`: refused: zip refused" in summary and "- `hang`: timeout: 2.1: timed out" in summary
 
 
@@ -140,11 +141,11 @@ def test_the_summary_has_per_task_statistics_first_failures_and_the_failed_gradi
 def test_gradescope_results_and_a_rerun_that_grades_only_what_changed(graded_class):
     subs, out, rows = graded_class
     results = json.loads((out / "solution" / "results.json").read_text())
-    assert results["score"] == 100 and len(results["tests"]) == len(TASKS)
-    assert sum(t["max_score"] for t in results["tests"]) == 100
+    assert results["score"] == sum(FULL.values()) and len(results["tests"]) == len(GRADED)
+    assert [t["max_score"] for t in results["tests"]] == list(FULL.values())
     assert all(t["status"] == "passed" and {"name", "score", "max_score", "output"} <= set(t) for t in results["tests"])
-    fresh = json.loads((out / "fresh" / "results.json").read_text())
-    assert fresh["score"] == 0 and "Task 1.1: implement" in fresh["tests"][0]["output"]
+    only = json.loads((out / "only-1.1" / "results.json").read_text())
+    assert only["score"] == 15 and "Task 1.3: implement" in only["tests"][GRADED.index("1.3")]["output"]
     escape = json.loads((out / "escape" / "results.json").read_text())
     assert escape["score"] == 0 and "points outside" in escape["tests"][0]["output"]
     # a late submission (a zip with a symbolic link: refused without a grader process) and a re-run
@@ -154,12 +155,13 @@ def test_gradescope_results_and_a_rerun_that_grades_only_what_changed(graded_cla
         link.external_attr = 0o120777 << 16
         zf.writestr(link, "/work/main/fm/dpo.py")
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/grade.json")}
-    again = {r.id: r for r in grade_all(subs, out, jobs=2, timeout=TIMEOUT, gradescope=True)}
+    tasks = [task_by_id(t) for t in GRADED]
+    again = {r.id: r for r in grade_all(subs, out, jobs=2, tasks=tasks, timeout=TIMEOUT, gradescope=True)}
     assert [s for s, r in again.items() if not r.skipped] == ["late"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing graded again
     assert again["late"].status == "refused" and "symbolic link" in again["late"].reason
     assert [r.total for s, r in again.items() if s != "late"] == [r.total for r in rows.values()]
-    assert len(_gradebook(out)) == 12
+    assert len(_gradebook(out)) == 8
     late.unlink()
 
 
