@@ -1,7 +1,8 @@
 """The training runs of `make figures PROFILE=full`, built at full size and run for a few steps.
 
-Shared by the dry-run test (`tests/test_full_dryrun.py`: 2 steps on a CPU, batch and sequence length reduced) and
-the GPU probe (`bench/gpu_probe.py`: the full batch, bf16, timed). Each run goes through the function its notebook
+Run by the GPU probe (`bench/gpu_probe.py`: the full batch, bf16, timed; on a CPU the batch and sequence length
+reduced, which tests/test_distributed.py runs for 2 steps in 2 processes); `preset_config` gives a run's config
+(tests/test_full_dryrun.py checks it is the full preset). Each run goes through the function its notebook
 calls (`train_sft`, `train_dpo`, `train_vae`, `load_or_train_classifier`, `train_ldm`) with the profile's preset
 and these overrides only: the step count, a warm-up shorter than it, small evaluation sets, no progress bars, the
 offline dialogue data, and, when `reduced`, a CPU-sized batch and sequence length.
@@ -160,16 +161,10 @@ def _count_tokens(model: nn.Module) -> tuple[list[torch.Tensor], Callable[[], No
     return counts, handle.remove
 
 
-def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str = "full", reduced: bool = True,
-               bf16: bool = False, log_every_step: bool = False, lm: tuple[nn.Module, object] | None = None
-               ) -> PresetRun:
-    """Train the `profile` preset of `run` on `dataset` for `steps` steps (see the module docstring).
-
-    `reduced`: the CPU-sized batch of REDUCED instead of the preset's. `bf16`: autocast where the config has a `bf16`
-    field. `log_every_step`: log_interval 1 (where configs have one), so that every step is timed. `lm`: the
-    (model, tokenizer) that SFT fine-tunes or DPO starts from (default: `random_lm` of the SFT preset's model);
-    SFT trains it in place, as notebook 1_2 does.
-    """
+def preset_config(run: str, dataset: str | None = None, *, steps: int, profile: str = "full", reduced: bool = True,
+                  bf16: bool = False, log_every_step: bool = False) -> Any:
+    """The config that `run_preset` trains: the `profile` preset of `run` with this module's overrides only (see
+    `run_preset` for the arguments)."""
     if (run, dataset) not in RUNS:
         raise ValueError(f"unknown run {(run, dataset)}; choose one of {RUNS}")
     if steps < 1:
@@ -178,53 +173,65 @@ def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str
                                      **(REDUCED[run] if reduced else EVAL_SIZES[run]))
     if log_every_step:
         overrides["log_interval"] = 1
+    if run in ("sft", "dpo"):
+        overrides["data_source"] = "chitchat"  # offline and deterministic; HH-RLHF needs the hub
+        make = sft_config if run == "sft" else dpo_config
+        cfg = make(profile, **_known(make, profile=profile, overrides=overrides))
+        if reduced:
+            return cfg
+        examples = steps * cfg.batch_size * cfg.grad_accum  # enough dialogues (pairs) for the steps
+        return dataclasses.replace(cfg, **{"train_examples" if run == "sft" else "train_pairs": examples})
+    if run == "vae_gan":  # 2_2's run: the adversarial phase, warm-started from a 2.1 checkpoint
+        return gan_config(GAN_KL_WEIGHT, 0.1, profile, dataset, gan_mode="adaptive",
+                          **_known(vae_config, dataset, profile=profile, overrides=overrides))
+    make = {"vae": vae_config, "classifier": classifier_config, "ldm": ldm_config}[run]
+    return make(dataset, profile, **_known(make, dataset, profile=profile, overrides=overrides))
+
+
+def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str = "full", reduced: bool = True,
+               bf16: bool = False, log_every_step: bool = False) -> PresetRun:
+    """Train the `profile` preset of `run` on `dataset` for `steps` steps (see the module docstring).
+
+    `reduced`: the CPU-sized batch of REDUCED instead of the preset's. `bf16`: autocast where the config has a `bf16`
+    field. `log_every_step`: log_interval 1 (where configs have one), so that every step is timed. SFT and DPO start
+    from `random_lm` of the SFT preset's model.
+    """
+    cfg = preset_config(run, dataset, steps=steps, profile=profile, reduced=reduced, bf16=bf16,
+                        log_every_step=log_every_step)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     counts: list[torch.Tensor] = []
+    # images, sequences (SFT) or pairs (DPO) per optimizer step
+    per_step = cfg.batch_size * cfg.grad_accum if run in ("sft", "dpo") else cfg.batch_size
     if run in ("sft", "dpo"):
-        overrides["data_source"] = "chitchat"  # offline and deterministic; HH-RLHF needs the hub
+        lm_cfg = cfg if run == "sft" else sft_config(cfg.sft_profile)
+        model, tokenizer = random_lm(lm_cfg.model, getattr(lm_cfg, "attn_impl", None), cfg.seed)
+        counts, remove = _count_tokens(model)
         if run == "sft":
-            cfg = sft_config(profile, **_known(sft_config, profile=profile, overrides=overrides))
-            per_step = cfg.batch_size * cfg.grad_accum
-            if not reduced:
-                cfg = dataclasses.replace(cfg, train_examples=steps * per_step)  # enough dialogues for the steps
-            model, tokenizer = lm or random_lm(cfg.model, getattr(cfg, "attn_impl", None), cfg.seed)
-            counts, remove = _count_tokens(model)
             result = train_sft(cfg, model=model, tokenizer=tokenizer)
             trained, rows = (result.model,), result.trainer.train_log.rows
         else:
-            cfg = dpo_config(profile, **_known(dpo_config, profile=profile, overrides=overrides))
-            per_step = cfg.batch_size * cfg.grad_accum
-            if not reduced:
-                cfg = dataclasses.replace(cfg, train_pairs=steps * per_step)
-            sft = sft_config(cfg.sft_profile)
-            model, tokenizer = lm or random_lm(sft.model, getattr(sft, "attn_impl", None), cfg.seed)
-            counts, remove = _count_tokens(model)
             setup = train_dpo(cfg, model=model, tokenizer=tokenizer)
             trained, rows = (setup.policy,), setup.trainer.train_log.rows
         remove()
     elif run in ("vae", "vae_gan"):
-        if run == "vae_gan":  # 2_2's run: the adversarial phase, warm-started from a 2.1 checkpoint
-            cfg = gan_config(GAN_KL_WEIGHT, 0.1, profile, dataset, gan_mode="adaptive",
-                             **_known(vae_config, dataset, profile=profile, overrides=overrides))
+        if run == "vae_gan":
             random_base_checkpoint(cfg)
-        else:
-            cfg = vae_config(dataset, profile, **_known(vae_config, dataset, profile=profile, overrides=overrides))
         result = train_vae(cfg)
-        per_step, trained, rows = cfg.batch_size, (result.vae, result.disc), result.train_rows
+        trained, rows = (result.vae, result.disc), result.train_rows
     elif run == "classifier":
-        result = load_or_train_classifier(dataset, profile, **_known(classifier_config, dataset, profile=profile,
-                                                                     overrides=overrides))
-        cfg, trained = result.config, (result.model,)
-        per_step, rows = cfg.batch_size, read_csv(Path(result.path).parent / "train.csv")
+        preset = classifier_config(dataset, profile)  # it takes overrides of its preset, not a config
+        overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                     if getattr(cfg, f.name) != getattr(preset, f.name)}
+        result = load_or_train_classifier(dataset, profile, **overrides)
+        trained, rows = (result.model,), read_csv(Path(result.path).parent / "train.csv")
     else:
-        cfg = ldm_config(dataset, profile, **_known(ldm_config, dataset, profile=profile, overrides=overrides))
         vae_cfg = vae_config(dataset, profile, kl_weight=LDM_KL_WEIGHT)
         torch.manual_seed(cfg.seed)
         vae = build_vae(vae_cfg).eval().requires_grad_(False)  # random weights: what matters here is the shapes
         result = train_ldm(cfg, vae=vae)
-        per_step, trained, rows = cfg.batch_size, (result.model,), result.train_rows
+        trained, rows = (result.model,), result.train_rows
     # tokens of every rank (each counted its own shard's); the examples per step are the global batch's already
     tokens = float(dist.sum_over_ranks({"tokens": torch.stack(counts).sum()})["tokens"]) / steps if counts else None
     precision = "bf16" if getattr(cfg, "bf16", False) else "fp32"

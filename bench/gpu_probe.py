@@ -190,6 +190,8 @@ def probe(args: argparse.Namespace) -> int:
             last = result.train_rows[-1]
             if last["step"] != steps or not all(math.isfinite(v) for v in last.values()):
                 raise RuntimeError(f"{result.name}: the run did not end at step {steps} with finite metrics: {last}")
+            if run == "vae_gan" and "d_loss" not in last:
+                raise RuntimeError(f"{result.name}: the discriminator never stepped: {last}")
             results[run, dataset] = result
             if dist.is_main_process():
                 print(f"gpu_probe: {result.name}: {result.parameters / 1e6:.1f}M parameters, "

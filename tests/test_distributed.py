@@ -5,8 +5,8 @@
   step's gradients and parameters.
 - A DDP run killed between checkpoints and resumed equals the uninterrupted DDP run; the ranks draw different numbers.
 - Rank 1 writes no file; only rank 0 does.
-- Every full preset takes 2 steps in 2 processes, at the CPU size of `bench.full_presets`: the GPU probe with
-  `--nproc 2`, which on a CPU runs the same `run_preset` calls as tests/test_full_dryrun.py.
+- Every full preset takes 2 steps in 2 processes, at full model size and the CPU batch of `bench.full_presets`
+  (the configs tests/test_full_dryrun.py checks): the GPU probe with `--nproc 2`.
 - HW3_NPROC=2 makes a training function (as a notebook cell calls it) train under torchrun and load the run.
 - The launcher's errors: NPROC above the GPUs, a batch that does not split over the ranks, DPO's pairs per rank.
 """
@@ -105,7 +105,8 @@ def test_only_rank_0_writes_files(equality):
 
 
 def test_every_full_preset_takes_two_steps_in_two_processes(tmp_path):
-    """The probe fails unless every run ends at step 2 with finite metrics; its table names the runs."""
+    """The probe fails unless every run ends at step 2 with finite metrics (and the VAE+GAN's discriminator
+    stepped); its table names the runs, with GPT-2's full parameter count and the language models' tokens/s."""
     out = tmp_path / "probe.md"
     _run(["-m", "bench.gpu_probe", "--nproc", "2", "--steps", "2", "--out", str(out)], tmp_path)
     text = out.read_text()
@@ -113,6 +114,10 @@ def test_every_full_preset_takes_two_steps_in_two_processes(tmp_path):
     for run, dataset in RUNS:
         assert f"| {run if dataset is None else f'{run} ({dataset})'} |" in text
     assert "| sft | 1_2_sft | 124,439,808 | 2 |" in text  # GPT-2 at full size, grad_accum 2 split over the ranks
+    assert "| dpo | 1_3_dpo | 124,439,808 | 2 |" in text  # the policy (the reference is a frozen copy)
+    for run in ("sft", "dpo"):
+        line = next(x for x in text.splitlines() if x.startswith(f"| {run} |"))
+        assert float(line.split(" tokens/s")[0].split("| ")[-1].replace(",", "")) > 0, line
 
 
 # ---------------------------------------------------------------------------------------------- errors
