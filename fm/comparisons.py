@@ -28,7 +28,7 @@ from common.checks import mean_ci
 from common.config import check
 from common.memory import peak_memory
 from common.params import count_parameters
-from fm.dpo import PREFERENCE_LOSSES, dpo_config, train_dpo
+from fm.dpo import PREFERENCE_LOSSES, DPOConfig, dpo_config, train_dpo
 from fm.dpo_analysis import PolicyEval, completion_logps, evaluate_policy
 from fm.generate import sample_completions
 from fm.metrics import distinct_n, win_rate
@@ -151,6 +151,21 @@ def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
 
 
 # ---------------------------------------------------------------------------------------------- 2. preference losses
+def preference_run_config(cfg: LMEnhanceConfig, loss: str, beta: float, seed: int) -> DPOConfig:
+    """The DPO config of one frontier / preference-loss run: 1.3's (`dpo_config(cfg.profile)`) with `loss`, `beta`
+    and training `seed`, shortened to `cfg.frontier_steps` steps and `cfg.frontier_val_pairs` validation pairs where
+    they are set (then in run folders named frontier_<profile>_...)."""
+    base = dpo_config(cfg.profile)
+    shorter = {}
+    if cfg.frontier_steps:
+        shorter |= dict(steps=cfg.frontier_steps, warmup_steps=min(base.warmup_steps, cfg.frontier_steps - 1),
+                        eval_interval=0, run_name=f"frontier_{cfg.profile}")
+    if cfg.frontier_val_pairs:
+        shorter["val_pairs"] = cfg.frontier_val_pairs
+    return dpo_config(cfg.profile, loss=loss, beta=beta, seed=seed,
+                      label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0, **shorter)
+
+
 def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Sequence[str],
                               reference: nn.Module | None = None, tokenizer=None) -> Comparison:
     """`train_dpo` of `cfg.profile` once per (loss, beta) of `cfg.variants` and training seed of `cfg.seeds` (same SFT
@@ -166,16 +181,9 @@ def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Se
     """
     rows, evals = [], {}
     base = dpo_config(cfg.profile)
-    shorter = {}  # the frontier's cheaper runs, when cfg asks for them
-    if cfg.frontier_steps:
-        shorter |= dict(steps=cfg.frontier_steps, warmup_steps=min(base.warmup_steps, cfg.frontier_steps - 1),
-                        eval_interval=0, run_name=f"frontier_{cfg.profile}")
-    if cfg.frontier_val_pairs:
-        shorter["val_pairs"] = cfg.frontier_val_pairs
     for loss, beta in cfg.variants:
         for seed in cfg.seeds:
-            dcfg = dpo_config(cfg.profile, loss=loss, beta=beta, seed=seed,
-                              label_smoothing=cfg.label_smoothing if loss == "cdpo" else 0.0, **shorter)
+            dcfg = preference_run_config(cfg, loss, beta, seed)
             result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
             name = (f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}, "
                     f"seed {seed}")

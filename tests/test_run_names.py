@@ -3,7 +3,9 @@
 EXPECTED was computed by the code of commit 652bf38 (before the bookkeeping fields were marked in the dataclasses'
 metadata): every preset of every profile and data set, the 1.4 and 2.4 experiment runs built from them, and the
 2.2 GAN grid. A changed name would silently retrain a run, or orphan its checkpoint. The quick GAN runs' names changed
-on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2).
+on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2), and the 1.3 DPO, 1.4 LoRA-vs-full and
+1.4 frontier runs when their presets changed (#31: LoRA DPO of 40 steps; a frontier of beta x training seed, named by
+`fm.comparisons.preference_run_config`). Unchanged configs of those families kept their digests.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def current_names() -> dict[str, str]:
     """Every run folder name (and digest in a cache key) of today's presets, by a readable key."""
     import dataclasses
 
-    from fm.comparisons import lm_enhance_config
+    from fm.comparisons import lm_enhance_config, preference_run_config
     from fm.dpo import dpo_config, dpo_dir
     from fm.sft import sft_config, sft_dir
     from gm.enhance import VARIANTS
@@ -40,11 +42,9 @@ def current_names() -> dict[str, str]:
                              seed=enhance.seed)
             names[f"sft/enhance/{profile}/rank{rank}"] = sft_dir(cfg).name
         for loss, beta in enhance.variants:
-            base = dpo_config(profile)
-            cfg = dpo_config(profile, run_name=f"enhance_{loss}_{profile}", loss=loss, beta=beta,
-                             label_smoothing=enhance.label_smoothing if loss == "cdpo" else 0.0,
-                             val_pairs=min(enhance.pref_val_pairs, base.val_pairs), eval_interval=0, seed=enhance.seed)
-            names[f"dpo/enhance/{profile}/{loss}_{beta:g}"] = dpo_dir(cfg).name
+            for seed in enhance.seeds:
+                cfg = preference_run_config(enhance, loss, beta, seed)
+                names[f"dpo/enhance/{profile}/{loss}_{beta:g}_seed{seed}"] = dpo_dir(cfg).name
         for dataset in DATASETS:
             key = f"{profile}/{dataset}"
             names[f"vae/{key}"] = vae_config(dataset, profile).run_name()
@@ -70,9 +70,14 @@ EXPECTED = {
     "dpo/smoke": "smoke_2976bdc4_sft-a7f380d3",
     "sft/enhance/smoke/rank0": "enhance_full_smoke_10c8d5df",
     "sft/enhance/smoke/rank4": "enhance_lora_smoke_3a9a6c20",
-    "dpo/enhance/smoke/dpo_0.5": "enhance_dpo_smoke_576c503e_sft-a7f380d3",
-    "dpo/enhance/smoke/cdpo_0.1": "enhance_cdpo_smoke_07bb9c1a_sft-a7f380d3",
-    "dpo/enhance/smoke/ipo_0.1": "enhance_ipo_smoke_3138b82f_sft-a7f380d3",
+    "dpo/enhance/smoke/dpo_0.1_seed0": "smoke_2976bdc4_sft-a7f380d3",
+    "dpo/enhance/smoke/dpo_0.1_seed1": "smoke_8daf2ebb_sft-a7f380d3",
+    "dpo/enhance/smoke/dpo_0.5_seed0": "smoke_576c503e_sft-a7f380d3",
+    "dpo/enhance/smoke/dpo_0.5_seed1": "smoke_1dad217f_sft-a7f380d3",
+    "dpo/enhance/smoke/cdpo_0.1_seed0": "smoke_07bb9c1a_sft-a7f380d3",
+    "dpo/enhance/smoke/cdpo_0.1_seed1": "smoke_f0503657_sft-a7f380d3",
+    "dpo/enhance/smoke/ipo_0.1_seed0": "smoke_3138b82f_sft-a7f380d3",
+    "dpo/enhance/smoke/ipo_0.1_seed1": "smoke_107ac6ce_sft-a7f380d3",
     "vae/smoke/mnist": "mnist_kl0.001_gan0_smoke_c17ad337",
     "vae/smoke/mnist/ldm": "mnist_kl1e-06_gan0_smoke_9d98aebc",
     "gan/smoke/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_smoke_35421c9b",
@@ -110,11 +115,17 @@ EXPECTED = {
     "ldm/smoke/cifar10/v-prediction": "cifar10_smoke_5395321e_vae01234567",
     "ldm/smoke/cifar10/cosine + v-prediction": "cifar10_smoke_0cd582b2_vae01234567",
     "sft/quick": "quick_39656d4f",
-    "dpo/quick": "quick_0b4b5288_sft-39656d4f",
-    "sft/enhance/quick/rank0": "enhance_full_quick_7a96136c",
-    "sft/enhance/quick/rank16": "enhance_lora_quick_de4be383",
-    "dpo/enhance/quick/dpo_5": "enhance_dpo_quick_71fe1d85_sft-39656d4f",
-    "dpo/enhance/quick/ipo_0.1": "enhance_ipo_quick_8cc00ac9_sft-39656d4f",
+    "dpo/quick": "quick_0985fff1_sft-39656d4f",
+    "sft/enhance/quick/rank0": "enhance_full_quick_bebbd7ec",
+    "sft/enhance/quick/rank16": "enhance_lora_quick_f8792a3a",
+    "dpo/enhance/quick/dpo_0.05_seed0": "frontier_quick_96ef9ebc_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.05_seed1": "frontier_quick_ee5e6364_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.1_seed0": "frontier_quick_6c1fbf32_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.1_seed1": "frontier_quick_e380c197_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.5_seed0": "frontier_quick_7f6fff8c_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.5_seed1": "frontier_quick_2070373c_sft-39656d4f",
+    "dpo/enhance/quick/dpo_2_seed0": "frontier_quick_40d2a512_sft-39656d4f",
+    "dpo/enhance/quick/dpo_2_seed1": "frontier_quick_4811a1fe_sft-39656d4f",
     "vae/quick/mnist": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "vae/quick/mnist/ldm": "mnist_kl1e-06_gan0_quick_8db3c72e",
     "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_d383a314",
@@ -155,12 +166,30 @@ EXPECTED = {
     "dpo/full": "full_7b356c30_sft-1cce4f4f",
     "sft/enhance/full/rank0": "enhance_full_full_81045d1b",
     "sft/enhance/full/rank16": "enhance_lora_full_578ba354",
-    "dpo/enhance/full/dpo_0.05": "enhance_dpo_full_cc6e59ba_sft-1cce4f4f",
-    "dpo/enhance/full/dpo_0.5": "enhance_dpo_full_2f2a4ce0_sft-1cce4f4f",
-    "dpo/enhance/full/dpo_5": "enhance_dpo_full_e902b2e5_sft-1cce4f4f",
-    "dpo/enhance/full/cdpo_0.1": "enhance_cdpo_full_68ec5579_sft-1cce4f4f",
-    "dpo/enhance/full/ipo_0.1": "enhance_ipo_full_b8adb18e_sft-1cce4f4f",
-    "dpo/enhance/full/ipo_0.5": "enhance_ipo_full_cb710e7b_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.05_seed0": "full_cc6e59ba_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.05_seed1": "full_82d8c84d_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.05_seed2": "full_1d8c9111_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.1_seed0": "full_7b356c30_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.1_seed1": "full_daa4bb93_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.1_seed2": "full_40ba6561_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.5_seed0": "full_2f2a4ce0_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.5_seed1": "full_a3d0313f_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_0.5_seed2": "full_1613293d_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_2_seed0": "full_7aeb9a4e_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_2_seed1": "full_9008f161_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_2_seed2": "full_f125e8ba_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_5_seed0": "full_e902b2e5_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_5_seed1": "full_1d812894_sft-1cce4f4f",
+    "dpo/enhance/full/dpo_5_seed2": "full_11bddbbf_sft-1cce4f4f",
+    "dpo/enhance/full/cdpo_0.1_seed0": "full_68ec5579_sft-1cce4f4f",
+    "dpo/enhance/full/cdpo_0.1_seed1": "full_9d22f048_sft-1cce4f4f",
+    "dpo/enhance/full/cdpo_0.1_seed2": "full_16f36e64_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.1_seed0": "full_b8adb18e_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.1_seed1": "full_12e37628_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.1_seed2": "full_5cc02972_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.5_seed0": "full_cb710e7b_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.5_seed1": "full_895767bb_sft-1cce4f4f",
+    "dpo/enhance/full/ipo_0.5_seed2": "full_eebf8093_sft-1cce4f4f",
     "vae/full/mnist": "mnist_kl0.001_gan0_full_cfe02ba5",
     "vae/full/mnist/ldm": "mnist_kl1e-06_gan0_full_cc7485ca",
     "gan/full/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_full_308a951a",
