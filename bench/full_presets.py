@@ -32,7 +32,6 @@ from torch import nn
 
 from common import checkpoint_dir, dist
 from common.io import atomic_save
-from common.logging import read_csv
 from fm.dpo import dpo_config, train_dpo
 from fm.model import GPT, GPTConfig
 from fm.model import PRESETS as GPT_PRESETS
@@ -210,22 +209,22 @@ def run_preset(run: str, dataset: str | None = None, *, steps: int, profile: str
         counts, remove = _count_tokens(model)
         if run == "sft":
             result = train_sft(cfg, model=model, tokenizer=tokenizer)
-            trained, rows = (result.model,), result.trainer.train_log.rows
+            trained, rows = (result.model,), result.train_rows
         else:
-            setup = train_dpo(cfg, model=model, tokenizer=tokenizer)
-            trained, rows = (setup.policy,), setup.trainer.train_log.rows
+            result = train_dpo(cfg, model=model, tokenizer=tokenizer)
+            trained, rows = (result.model,), result.train_rows
         remove()
     elif run in ("vae", "vae_gan"):
         if run == "vae_gan":
             random_base_checkpoint(cfg)
         result = train_vae(cfg)
-        trained, rows = (result.vae, result.disc), result.train_rows
+        trained, rows = (result.model, result.disc), result.train_rows
     elif run == "classifier":
         preset = classifier_config(dataset, profile)  # it takes overrides of its preset, not a config
         overrides = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                      if getattr(cfg, f.name) != getattr(preset, f.name)}
         result = load_or_train_classifier(dataset, profile, **overrides)
-        trained, rows = (result.model,), read_csv(Path(result.path).parent / "train.csv")
+        trained, rows = (result.model,), result.train_rows
     else:
         vae_cfg = vae_config(dataset, profile, kl_weight=LDM_KL_WEIGHT)
         torch.manual_seed(cfg.seed)

@@ -26,6 +26,7 @@ from torch import nn
 from common import make_config
 from common.checks import mean_ci
 from common.config import check
+from common.logging import column
 from common.memory import peak_memory
 from common.params import count_parameters
 from fm.dpo import PREFERENCE_LOSSES, DPOConfig, dpo_config, train_dpo
@@ -187,14 +188,14 @@ def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Se
             result = train_dpo(dcfg, resume=True, model=reference, tokenizer=tokenizer)
             name = (f"{LOSS_NAMES[loss]}{f' (eps={cfg.label_smoothing})' if loss == 'cdpo' else ''}, beta={beta:g}, "
                     f"seed {seed}")
-            ev = evaluate_policy(name, result.policy, result.reference, result.tokenizer, prompts, base.reply_tokens,
+            ev = evaluate_policy(name, result.model, result.reference, result.tokenizer, prompts, base.reply_tokens,
                                  seed=base.seed, batch_size=base.sample_batch_size, cache=True)
             rate, low, high = win_rate(ev.rewards, sft.rewards)
             rows.append({"loss": LOSS_NAMES[loss], "beta": beta, "seed": seed, "steps": dcfg.steps, **ev.summary(),
                          "win rate vs SFT": rate, "win CI low": low, "win CI high": high,
-                         "val reward acc": result.trainer.eval_log.rows[-1]["val_rewards/accuracies"],
+                         "val reward acc": result.eval_rows[-1]["val_rewards/accuracies"],
                          "train pairs": len(result.train_data),
-                         "s / step": _mean_after_first(result.trainer.train_log.column("step_time")[1])})
+                         "s / step": _mean_after_first(column(result.train_rows, "step_time")[1])})
             evals[name] = ev
             del result
             gc.collect()

@@ -33,6 +33,7 @@ from torch import nn
 
 from common import dist, get_device, get_profile, make_config, seed_everything
 from common.config import added_field, bookkeeping, check
+from common.run import Run
 from common.steps import Batch, make_eval_fn, make_step_fn
 from common.trainer import EvalFn, StepFn, Trainer
 from fm.logps import PreferenceData, concatenated_logps, reference_data
@@ -261,7 +262,10 @@ def build_dpo(cfg: DPOConfig, model: nn.Module | None = None, tokenizer=None) ->
     folder is keyed by `cfg`: a given `model` should be the SFT model of `cfg.sft_profile`.
     """
     seed_everything(cfg.seed)
-    reference, tokenizer = (model, tokenizer) if model is not None else load_or_train_sft(cfg.sft_profile)
+    if model is None:
+        sft = load_or_train_sft(cfg.sft_profile)
+        model, tokenizer = sft.model, sft.tokenizer
+    reference = model
     if tokenizer is None:
         raise ValueError("build_dpo got a model without its tokenizer")
     check_block_size(cfg.block_size, reference)
@@ -311,6 +315,17 @@ def preference_pairs(cfg: DPOConfig, reference: nn.Module, tokenizer) -> tuple[l
             sentiment_pairs(reference, tokenizer, "validation", cfg.val_pairs, **sampling))
 
 
+@dataclass
+class DPORun(Run[DPOConfig, nn.Module]):
+    """A DPO run: `model` is the trained policy (LoRA merged, eval mode), saved in `folder` = `dpo_dir(config)`; the
+    rows are the trainer's logs (in `folder/run/`)."""
+
+    reference: nn.Module  # the frozen SFT model
+    tokenizer: object
+    train_data: PreferenceData
+    val_data: PreferenceData
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout of `model` to p = 0: the rewards compare the policy with the reference in eval mode, so a
     dropout-noised policy would start with a nonzero, random margin (and a loss above log 2)."""
@@ -320,8 +335,8 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = None, tokenizer=None) -> DPOSetup:
-    """Fine-tune a copy of the SFT model on preference pairs with `PREFERENCE_LOSSES[cfg.loss]`; returns the setup.
+def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = None, tokenizer=None) -> DPORun:
+    """Fine-tune a copy of the SFT model on preference pairs with `PREFERENCE_LOSSES[cfg.loss]`; returns the run.
 
     The reference log-probs of every pair are computed once before training (the SFT model is frozen, so they never
     change); the policy then needs one forward + backward pass of chosen + rejected per step, on
@@ -337,9 +352,10 @@ def train_dpo(cfg: DPOConfig, resume: bool = False, model: nn.Module | None = No
         resume = True  # below: the caches and the finished checkpoint load, no step runs
     setup = build_dpo(cfg, model, tokenizer)
     setup.trainer.fit(setup.step_fn, setup.eval_fn, resume=resume)
-    setup.policy = merge_lora(setup.policy).eval()
-    save_trained(setup.policy, setup.tokenizer, cfg, dpo_dir(cfg))
-    return setup
+    policy = merge_lora(setup.policy).eval()
+    save_trained(policy, setup.tokenizer, cfg, dpo_dir(cfg))
+    return DPORun(cfg, dpo_dir(cfg), policy, setup.trainer.train_log.rows, setup.trainer.eval_log.rows,
+                  setup.reference, setup.tokenizer, setup.train_data, setup.val_data)
 
 
 def load_dpo_models(profile: str, fallback: nn.Module | None = None) -> tuple[nn.Module, nn.Module, object, float]:
@@ -353,9 +369,10 @@ def load_dpo_models(profile: str, fallback: nn.Module | None = None) -> tuple[nn
     out = dpo_dir(cfg)
     if not is_saved(out) and fallback is None:
         print(f"no DPO policy in {out}; training it ({cfg.steps} steps)")
-        result = train_dpo(cfg, resume=True)
-        return result.policy, result.reference, result.tokenizer, cfg.beta
-    reference, tokenizer = load_or_train_sft(cfg.sft_profile)
+        run = train_dpo(cfg, resume=True)
+        return run.model, run.reference, run.tokenizer, cfg.beta
+    sft = load_or_train_sft(cfg.sft_profile)
+    reference, tokenizer = sft.model, sft.tokenizer
     if is_saved(out):
         print(f"loading the DPO policy from {out}")
         policy, _ = load_lm(out, device=cfg.device, attn_impl=sft_config(cfg.sft_profile).attn_impl, verbose=False)

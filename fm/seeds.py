@@ -60,7 +60,8 @@ def run_seeds(cfg: SeedsConfig) -> dict:
     "spread": `seed_spread` per (loss, beta), "versus_baseline": per other variant and seed, its oracle win rate
     against the first variant of the same seed with the 95 % CI}."""
     dcfg = dpo_config(cfg.profile)
-    reference, tokenizer = load_or_train_sft(dcfg.sft_profile)
+    sft_run = load_or_train_sft(dcfg.sft_profile)
+    reference, tokenizer = sft_run.model, sft_run.tokenizer
     prompts = chitchat_prompts("test", dcfg.seed)[: dcfg.eval_prompts]
     sft = evaluate_policy("SFT", reference, reference, tokenizer, prompts, dcfg.reply_tokens, seed=dcfg.seed,
                           batch_size=dcfg.sample_batch_size, cache=True)

@@ -5,8 +5,8 @@ pieces of `common.steps` (`make_step_fn`, `make_eval_fn`) and `fm.training` (con
 Gradient accumulation normalises by the supervised tokens of the whole accumulated batch, so it equals one batch.
 
     cfg = sft_config("quick")
-    result = train_sft(cfg)                        # trains, saves to checkpoints/sft/quick_<config digest>/
-    model, tokenizer = load_or_train_sft("quick")  # what DPO calls: loads that model, or trains it first
+    run = train_sft(cfg)                   # trains, saves to checkpoints/sft/quick_<config digest>/
+    sft = load_or_train_sft("quick")       # what DPO calls: that run loaded (sft.model, sft.tokenizer), or trained
 
 Several GPUs: `torchrun --nproc_per_node=8 -m fm.sft train --profile full` (or HW3_NPROC=8, which makes `train_sft`
 launch that itself); see `common.dist`.
@@ -26,6 +26,7 @@ from torch import nn
 from common import dist, get_device, get_profile, make_config, seed_everything
 from common.config import check
 from common.params import count_parameters
+from common.run import Run, read_logs
 from common.steps import Batch, make_eval_fn, make_step_fn
 from common.trainer import EvalFn, StepFn, Trainer
 from fm.attention import ATTN_IMPLS
@@ -131,11 +132,11 @@ class SFTSetup:
 
 
 @dataclass
-class SFTResult:
-    model: nn.Module  # LoRA merged, on the training device, eval mode
+class SFTRun(Run[SFTConfig, nn.Module]):
+    """An SFT run: `model` is the fine-tuned LM (LoRA merged, eval mode), saved in `folder` = `sft_dir(config)`;
+    the rows are the trainer's logs (in `folder/run/`)."""
+
     tokenizer: object
-    trainer: Trainer  # train_log / eval_log hold the metrics
-    out_dir: Path
 
 
 def validation_examples(cfg: SFTConfig, tokenizer) -> list[dict]:
@@ -203,7 +204,7 @@ def build_sft(cfg: SFTConfig, model: nn.Module | None = None, tokenizer=None) ->
     return SFTSetup(cfg, model, tokenizer, trainer, train, batch_fn, step_fn, eval_fn)
 
 
-def train_sft(cfg: SFTConfig, resume: bool = False, model: nn.Module | None = None, tokenizer=None) -> SFTResult:
+def train_sft(cfg: SFTConfig, resume: bool = False, model: nn.Module | None = None, tokenizer=None) -> SFTRun:
     """Fine-tune, merge LoRA, and save the model to `sft_dir(cfg)` (where `load_or_train_sft` finds it).
 
     `model`/`tokenizer` default to `load_lm(cfg.model)`; a given model is trained in place. With `resume`, training
@@ -220,11 +221,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, model: nn.Module | None = No
     model = merge_lora(setup.model).eval()
     out = sft_dir(cfg)
     save_trained(model, setup.tokenizer, cfg, out)
-    return SFTResult(model, setup.tokenizer, setup.trainer, out)
+    return SFTRun(cfg, out, model, setup.trainer.train_log.rows, setup.trainer.eval_log.rows, setup.tokenizer)
 
 
-def load_or_train_sft(profile: str | None = None, **overrides) -> tuple[nn.Module, object]:
-    """The SFT model of `sft_config(profile, **overrides)`: loaded from its run folder if saved there, else trained.
+def load_or_train_sft(profile: str | None = None, **overrides) -> SFTRun:
+    """The SFT run of `sft_config(profile, **overrides)`: loaded from its run folder if saved there, else trained.
 
     The folder is named by the config, so other overrides (e.g. another lr) find or train another model.
     """
@@ -233,10 +234,9 @@ def load_or_train_sft(profile: str | None = None, **overrides) -> tuple[nn.Modul
     if is_saved(out):
         print(f"loading the SFT model from {out}")
         model, tokenizer = load_lm(out, device=cfg.device, attn_impl=cfg.attn_impl)
-        return model, tokenizer
+        return SFTRun(cfg, out, model, *read_logs(out / "run"), tokenizer)
     print(f"no SFT model in {out}; training it ({cfg.steps} steps)")
-    result = train_sft(cfg)
-    return result.model, result.tokenizer
+    return train_sft(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -23,6 +22,7 @@ from common.config import RunConfig, bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
 from common.optim import build_optimizer, warmup_cosine
+from common.run import Run, read_logs
 from common.trainer import Metrics, Trainer
 from gm.data import CHANNELS, DATASETS, TRAIN_SIZE, load_dataset, subset_indices
 
@@ -134,11 +134,10 @@ def classifier_config(dataset: str, profile: str | None = None, **overrides) -> 
 
 
 @dataclass
-class ClassifierRun:
-    config: ClassifierConfig
-    model: Classifier  # eval mode, frozen
+class ClassifierRun(Run[ClassifierConfig, Classifier]):
+    """An evaluation classifier's run: `model` in eval mode, frozen; `folder/model.pt` holds it and its numbers."""
+
     test_accuracy: float  # on `eval_size` random test images
-    path: Path
     train_seconds: float  # wall time of the training steps (as measured when it was trained)
 
     @property
@@ -251,9 +250,9 @@ def train_classifier(cfg: ClassifierConfig) -> ClassifierRun:
     rows = trainer.train_log.rows
     starts = [0] + [r["step"] for r in rows[:-1]]
     seconds = sum(r["step_time"] * (r["step"] - start) for r, start in zip(rows, starts, strict=True))
-    path = atomic_save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), "test_accuracy": test_acc,
-                        "train_seconds": seconds}, run_dir / "model.pt")
-    return ClassifierRun(cfg, model, test_acc, path, seconds)
+    atomic_save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict(), "test_accuracy": test_acc,
+                 "train_seconds": seconds}, run_dir / "model.pt")
+    return ClassifierRun(cfg, run_dir, model, rows, trainer.eval_log.rows, test_acc, seconds)
 
 
 def load_or_train_classifier(dataset: str, profile: str | None = None, **overrides) -> ClassifierRun:
@@ -264,12 +263,12 @@ def load_or_train_classifier(dataset: str, profile: str | None = None, **overrid
     kernel, so this path is the one the CPU tests run). With HW3_NPROC > 1 a notebook trains it in its own process.
     """
     cfg = classifier_config(dataset, profile, **overrides)
-    path = checkpoint_dir() / "classifier" / cfg.run_name() / "model.pt"
+    folder = checkpoint_dir() / "classifier" / cfg.run_name()
     with dist.main_process_first():
-        if not path.is_file():
+        if not (folder / "model.pt").is_file():
             return train_classifier(cfg)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=False)
     model = Classifier(cfg.in_channels, width=cfg.width, width_mults=cfg.width_mults, flip_tta=cfg.flip)
     model.load_state_dict(state["state_dict"])
     model = model.to(get_device(cfg.device)).eval().requires_grad_(False)
-    return ClassifierRun(cfg, model, state["test_accuracy"], path, state["train_seconds"])
+    return ClassifierRun(cfg, folder, model, *read_logs(folder), state["test_accuracy"], state["train_seconds"])

@@ -34,6 +34,7 @@ from common.logging import trailing_mean
 from common.optim import build_optimizer, warmup_cosine
 from common.params import weights_digest  # the VAE's identity in latent caches and LDM run names
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
+from common.run import Run
 from common.trainer import Metrics, Trainer
 from gm.data import CIFAR10_CLASSES, DATASETS, load_dataset, subset_indices
 from gm.diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
@@ -232,15 +233,12 @@ def cached_latents(vae: VAE, dataset: str, split: str, limit: int | None = None,
 
 
 @dataclass
-class LDMRun:
-    config: LDMConfig
-    model: LatentDiffusion  # raw weights, eval mode
-    ema_model: LatentDiffusion  # EMA weights (what the report samples from)
-    vae: VAE
+class LDMRun(Run[LDMConfig, LatentDiffusion]):
+    """An LDM run: `model` holds the raw weights (eval mode); the report samples from `ema_model`."""
+
+    ema_model: LatentDiffusion  # EMA weights
+    vae: VAE  # the frozen VAE whose latents the model learned
     latent_hw: tuple[int, int]
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    run_dir: Path
 
 
 def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LDMRun:
@@ -256,7 +254,7 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
     seed_everything(cfg.seed)
     dist.shard_size(cfg.batch_size, "LDMConfig.batch_size")  # a clear error before any work
     device = get_device(cfg.device)
-    vae = (vae or load_or_train_vae(cfg.dataset, cfg.vae_profile or cfg.profile)).to(device).eval()
+    vae = (vae or load_or_train_vae(cfg.dataset, cfg.vae_profile or cfg.profile).model).to(device).eval()
     digest = weights_digest(vae)
     train_z, train_y = cached_latents(vae, cfg.dataset, "train", cfg.max_train, digest, cfg.seed)
     test_z, test_y = cached_latents(vae, cfg.dataset, "test", cfg.eval_size, digest, cfg.seed)
@@ -305,8 +303,8 @@ def train_ldm(cfg: LDMConfig, vae: VAE | None = None, resume: bool = True) -> LD
 
     trainer.fit(step_fn, eval_fn, resume=resume)
     model.eval()
-    return LDMRun(cfg, model, ema.shadow.eval(), vae, tuple(train_z.shape[-2:]), trainer.train_log.rows,
-                  trainer.eval_log.rows, run_dir)
+    return LDMRun(cfg, run_dir, model, trainer.train_log.rows, trainer.eval_log.rows, ema.shadow.eval(), vae,
+                  tuple(train_z.shape[-2:]))
 
 
 def main(argv: list[str] | None = None) -> None:

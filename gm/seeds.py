@@ -80,7 +80,7 @@ def run_seeds(cfg: SeedsConfig) -> dict:
     for seed in cfg.seeds:
         for w in (0.0, weight):
             run = train_vae(gan_config(1e-3, w, cfg.profile, gan_mode="adaptive", seed=seed, progress=False), True)
-            m = evaluate(run.vae, "cifar10", num_images=cfg.eval_images, judge=judge)
+            m = evaluate(run.model, "cifar10", num_images=cfg.eval_images, judge=judge)
             rows += [{"seed": seed, "quantity": f"2.2 {key}, gan_weight {w:g}", "value": m[key]}
                      for key in ("feature_dist", "sharpness")]
         for dataset in cfg.ldm_datasets:

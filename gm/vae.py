@@ -29,6 +29,7 @@ from common.data import batch_indices
 from common.ema import EMA
 from common.io import atomic_save
 from common.optim import build_optimizer, warmup_cosine
+from common.run import Run, read_logs
 from common.trainer import Metrics, Trainer
 from gm.data import CHANNELS, DATASETS, eval_images, load_dataset_uint8, to_float
 from gm.loss import GAN_MODES, VAEGANLoss, kl_divergence, reconstruction_loss
@@ -150,15 +151,11 @@ def build_vae(cfg: VAEConfig) -> VAE:
 
 
 @dataclass
-class VAERun:
-    """A finished run: the model to use (EMA weights when enabled, eval mode), its logs and where it lives."""
+class VAERun(Run[VAEConfig, VAE]):
+    """A VAE run: `model` is the VAE to use (EMA weights when enabled, eval mode); `disc` the discriminator of a
+    VAE+GAN run (None without the GAN term, or when the run was loaded from its `model.pt`)."""
 
-    config: VAEConfig
-    vae: VAE
     disc: Discriminator | None
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    run_dir: Path
 
 
 def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
@@ -184,7 +181,7 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     if cfg.warm_start:
         base = base_config(cfg)
         base_path = checkpoint_dir() / "vae" / base.run_name() / "model.pt"
-        base_vae = load_vae(base_path) if base_path.is_file() else train_vae(base, resume=True).vae
+        base_vae = load_vae(base_path) if base_path.is_file() else train_vae(base, resume=True).model
         vae.load_state_dict(base_vae.state_dict())
     modules: dict[str, torch.nn.Module] = {"vae": vae}
     optimizers = {"vae": build_optimizer(vae, cfg.lr, kind="adam")}
@@ -245,7 +242,7 @@ def train_vae(cfg: VAEConfig, resume: bool = False) -> VAERun:
     dist.barrier()
     if disc is not None:
         disc.eval()
-    return VAERun(cfg, final, disc, trainer.train_log.rows, trainer.eval_log.rows, run_dir)
+    return VAERun(cfg, run_dir, final, trainer.train_log.rows, trainer.eval_log.rows, disc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -265,18 +262,22 @@ def load_vae(path: str | Path, device: str | torch.device | None = None) -> VAE:
     return vae.to(get_device(device)).eval()
 
 
-def load_or_train_vae(dataset: str, profile: str | None = None) -> VAE:
+def load_or_train_vae(dataset: str, profile: str | None = None) -> VAERun:
     """The VAE for latent diffusion on `dataset` ("mnist" | "cifar10"), trained if its checkpoint is missing.
 
     It is the kl_weight = LDM_KL_WEIGHT (1e-6) run of notebook 2_1 for the profile, so after that notebook this
-    only loads. Returns the model in eval mode, frozen: `encode(x)` gives (mean, logvar) of shape
+    only loads. Returns the run; its `model` is in eval mode, frozen: `encode(x)` gives (mean, logvar) of shape
     (B, z_channels=3, 8, 8) for 32x32 inputs in [0, 1] (MNIST zero-padded to 32x32, as `load_dataset` gives it),
     `decode(z)` gives images in (0, 1) (a sigmoid on the decoder output, no clamping needed).
     """
     cfg = vae_config(dataset, profile, kl_weight=LDM_KL_WEIGHT)
-    path = checkpoint_dir() / "vae" / cfg.run_name() / "model.pt"
-    vae = load_vae(path) if path.is_file() else train_vae(cfg).vae
-    return vae.requires_grad_(False)
+    folder = checkpoint_dir() / "vae" / cfg.run_name()
+    if (folder / "model.pt").is_file():
+        run = VAERun(cfg, folder, load_vae(folder / "model.pt"), *read_logs(folder), disc=None)
+    else:
+        run = train_vae(cfg)
+    run.model.requires_grad_(False)
+    return run
 
 
 if __name__ == "__main__":

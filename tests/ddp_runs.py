@@ -90,24 +90,27 @@ def one_step(run: str) -> dict[str, dict[str, torch.Tensor]]:
     gradient of each trained parameter}}, the gradient read from the checkpoint's Adam(W) state (exp_avg / (1 -
     beta1)). The optimizers hold the parameters in `named_parameters` order (SFT and DPO: matrices first)."""
     if run in ("sft", "dpo"):
+        from common.optim import build_optimizer
         from fm.dpo import train_dpo
         from fm.sft import train_sft
 
         if run == "sft":
-            setup = train_sft(sft_cfg())
+            cfg = sft_cfg()
+            result = train_sft(cfg)
         else:
-            model, tokenizer = tiny_lm()
-            setup = train_dpo(dpo_cfg(), model=model, tokenizer=tokenizer)
-        model = setup.model if run == "sft" else setup.policy
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for g in setup.trainer.optimizers["policy"].param_groups for p in g["params"]]
-        modules, orders, ckpt = {"policy": model}, {"policy": order}, setup.trainer.checkpoint_path
+            cfg, (model, tokenizer) = dpo_cfg(), tiny_lm()
+            result = train_dpo(cfg, model=model, tokenizer=tokenizer)
+        names = {id(p): n for n, p in result.model.named_parameters()}
+        # the trainer's optimizer (`fm.training.make_trainer`) holds them in the groups of `build_optimizer`
+        groups = build_optimizer(result.model, cfg.lr, cfg.weight_decay).param_groups
+        order = [names[id(p)] for g in groups for p in g["params"]]
+        modules, orders, ckpt = {"policy": result.model}, {"policy": order}, result.folder / "run" / "checkpoint.pt"
     elif run == "vae_gan":
         from gm.vae import train_vae
 
         with deterministic_draws():
             result = train_vae(vae_gan_cfg())
-        modules, ckpt = {"vae": result.vae, "disc": result.disc}, result.run_dir / "checkpoint.pt"
+        modules, ckpt = {"vae": result.model, "disc": result.disc}, result.folder / "checkpoint.pt"
         orders = {k: [n for n, _ in m.named_parameters()] for k, m in modules.items()}
     else:
         from gm.ldm import train_ldm
@@ -117,7 +120,7 @@ def one_step(run: str) -> dict[str, dict[str, torch.Tensor]]:
         vae = build_vae(vae_config("mnist", "smoke", kl_weight=LDM_KL_WEIGHT)).eval().requires_grad_(False)
         with deterministic_draws():
             result = train_ldm(ldm_cfg(), vae=vae)
-        modules, ckpt = {"ldm": result.model}, result.run_dir / "checkpoint.pt"
+        modules, ckpt = {"ldm": result.model}, result.folder / "checkpoint.pt"
         orders = {"ldm": [f"unet.{n}" for n, _ in result.model.unet.named_parameters()]}
     out = {}
     for name, state in torch.load(ckpt, weights_only=False)["optimizers"].items():

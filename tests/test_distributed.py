@@ -185,6 +185,6 @@ def test_hw3_nproc_trains_under_torchrun_and_loads_what_rank_0_saved(data, tmp_p
     run = train_vae(vae_config("mnist", "smoke", eval_size=8), resume=False)
     assert launched == [["train", "--profile", "smoke", "--dataset", "mnist", "--set", "eval_size=8"]]
     assert [r["step"] for r in run.train_rows] == [1, 2, 3, 4]
-    assert read_csv(run.run_dir / "train.csv") == run.train_rows
+    assert read_csv(run.folder / "train.csv") == run.train_rows
     # the last checkpoint holds both ranks' RNG states: saved by the 2 processes (a step here would save one without)
-    assert len(torch.load(run.run_dir / "checkpoint.pt", weights_only=False)["rank_rng"]) == 2
+    assert len(torch.load(run.folder / "checkpoint.pt", weights_only=False)["rank_rng"]) == 2

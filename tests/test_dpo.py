@@ -234,9 +234,9 @@ def test_dpo_run_folders_are_keyed_by_the_training_config():
 def test_train_dpo_saves_the_policy_that_load_dpo_models_returns():
     result = train_dpo(dpo_config("smoke", device="cpu"))
     policy, reference, tokenizer, beta = load_dpo_models("smoke")
-    assert beta == result.cfg.beta and not policy.training
+    assert beta == result.config.beta and not policy.training
     ids = torch.tensor([tokenizer.encode("Human: Hi\n\nAssistant: Hello")])
-    torch.testing.assert_close(policy(ids).logits, result.policy(ids).logits)
+    torch.testing.assert_close(policy(ids).logits, result.model(ids).logits)
     torch.testing.assert_close(reference(ids).logits, result.reference(ids).logits)
     assert not torch.equal(policy(ids).logits, reference(ids).logits)  # the saved model is the trained policy
 

@@ -134,7 +134,7 @@ def test_quick_classifier_is_evaluated_on_the_full_test_set():
 
 def test_classifier_is_trained_once_then_loaded():
     first = load_or_train_classifier("mnist", "smoke", progress=False)
-    assert first.path.is_file() and 0.0 <= first.test_accuracy <= 1.0 and first.train_seconds > 0
+    assert (first.folder / "model.pt").is_file() and 0.0 <= first.test_accuracy <= 1.0 and first.train_seconds > 0
     lo, hi = first.test_accuracy_ci
     assert lo <= first.test_accuracy <= hi
     second = load_or_train_classifier("mnist", "smoke", progress=False)

@@ -47,7 +47,7 @@ def test_gan_term_and_discriminator_start_at_gan_loss_start():
     assert run.disc is not None
     assert ["g_loss" in row for row in run.train_rows] == [False, False, False, True, True]
     assert ["d_loss" in row for row in run.train_rows] == [False, False, False, True, True]
-    state = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run.folder / "checkpoint.pt", weights_only=False)
     assert state["optimizers"]["disc"]["state"][0]["step"] == 2  # D stepped only from gan_loss_start on
     assert state["optimizers"]["vae"]["state"][0]["step"] == 5
     row = run.train_rows[-1]  # the VAE loss includes the weighted G term
@@ -179,7 +179,7 @@ def test_gan_run_starts_from_the_2_1_weights():
     cfg = gan_config(1e-3, 0.1, "smoke", dataset="mnist", lr=0.0, progress=False)  # lr 0: the VAE cannot move
     assert cfg.warm_start and cfg.gan_loss_start == 0
     run = train_vae(cfg)
-    base = load_vae(train_vae(base_config(cfg), resume=True).run_dir / "model.pt")
-    for (name, p), q in zip(run.vae.state_dict().items(), base.state_dict().values(), strict=True):
+    base = load_vae(train_vae(base_config(cfg), resume=True).folder / "model.pt")
+    for (name, p), q in zip(run.model.state_dict().items(), base.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert all("d_loss" in row for row in run.train_rows)  # adversarial from the first step

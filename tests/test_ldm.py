@@ -61,7 +61,7 @@ def test_a_few_steps_lower_the_loss_and_the_run_resumes():
     assert val[-1] < 0.9 * val[0]
     assert [r["step"] for r in run.eval_rows] == [0, 15, 30]
     # Latent statistics are stored with the weights; normalised training latents are standardised per channel.
-    state = torch.load(run.run_dir / "checkpoint.pt", weights_only=False)["modules"]["ldm"]
+    state = torch.load(run.folder / "checkpoint.pt", weights_only=False)["modules"]["ldm"]
     torch.testing.assert_close(state["latent_std"], run.model.latent_std)
     assert run.model.latent_std.shape == (1, 3, 1, 1)
     # The same config again: loaded from the finished checkpoint, no further training.
@@ -69,7 +69,7 @@ def test_a_few_steps_lower_the_loss_and_the_run_resumes():
     assert again.train_rows == run.train_rows
     for p, q in zip(run.ema_model.parameters(), again.ema_model.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert plot_loss(run, run.run_dir / "loss.png").is_file()
+    assert plot_loss(run, run.folder / "loss.png").is_file()
 
 
 def test_evaluate_rows_cis_and_grids(tmp_path):

@@ -181,7 +181,7 @@ def test_variants_change_one_setting_and_keep_the_budget(tiny, tmp_path):
     cosine = train_variant(run, "cosine schedule", progress=False)
     changed = {k for k, v in dataclasses.asdict(cosine.config).items() if getattr(run.config, k) != v}
     assert changed == {"schedule"}
-    assert cosine.model.process.schedule == "cosine" and cosine.run_dir != run.run_dir
+    assert cosine.model.process.schedule == "cosine" and cosine.folder != run.folder
     assert len(cosine.train_rows) == run.config.steps
     rows = variant_comparison(run, classifier, smoke_config(variants=("cosine schedule", "v-prediction")),
                               fig_prefix=tmp_path / "variant")

@@ -140,12 +140,13 @@ def test_smoke_run_saves_the_model_that_load_or_train_sft_returns():
 
     cfg = sft_config("smoke", device="cpu")
     result = train_sft(cfg)
-    assert is_saved(sft_dir(cfg)) and result.out_dir == sft_dir(cfg)
-    rows = result.trainer.eval_log.rows
+    assert is_saved(sft_dir(cfg)) and result.folder == sft_dir(cfg)
+    rows = result.eval_rows
     assert [r["step"] for r in rows] == [0, 2, 4] and all("val_loss" in r for r in rows)
-    model, tokenizer = load_or_train_sft("smoke", device="cpu")  # loads: no second training run
-    ids = torch.tensor([tokenizer.encode("Human: Hi\n\nAssistant:")])
-    torch.testing.assert_close(model(ids).logits, result.model(ids).logits)
+    loaded = load_or_train_sft("smoke", device="cpu")  # loads: no second training run
+    assert loaded.folder == result.folder and loaded.eval_rows == rows  # its logs, read back from the run folder
+    ids = torch.tensor([loaded.tokenizer.encode("Human: Hi\n\nAssistant:")])
+    torch.testing.assert_close(loaded.model(ids).logits, result.model(ids).logits)
 
 
 def test_run_folders_are_keyed_by_the_training_config(capsys):

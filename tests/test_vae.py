@@ -112,25 +112,28 @@ def test_trainer_lowers_loss_writes_files_and_resumes():
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
     assert run.eval_rows[-1]["test_recon_error"] < run.eval_rows[0]["test_recon_error"]
     for name in ("train.csv", "eval.csv", "checkpoint.pt", "model.pt"):
-        assert (run.run_dir / name).is_file()
-    assert not run.vae.training
-    loaded = load_vae(run.run_dir / "model.pt")
+        assert (run.folder / name).is_file()
+    assert not run.model.training
+    loaded = load_vae(run.folder / "model.pt")
     x = torch.rand(2, 1, 32, 32)
-    assert torch.equal(loaded.encode(x)[0], run.vae.encode(x)[0])
+    assert torch.equal(loaded.encode(x)[0], run.model.encode(x)[0])
 
     again = train_vae(cfg, resume=True)  # finished run: loads, trains nothing
     assert len(again.train_rows) == 12
-    assert torch.equal(again.vae.encode(x)[0], run.vae.encode(x)[0])
+    assert torch.equal(again.model.encode(x)[0], run.model.encode(x)[0])
 
 
 def test_load_or_train_vae_trains_once_then_loads(monkeypatch):
-    vae = load_or_train_vae("mnist", "smoke")
+    run = load_or_train_vae("mnist", "smoke")
+    vae = run.model
+    assert run.folder == gm_vae.checkpoint_dir() / "vae" / run.config.run_name() and run.config.kl_weight == 1e-6
     mean, logvar = vae.encode(torch.rand(2, 1, 32, 32))
     assert mean.shape == logvar.shape == (2, 3, 8, 8)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     monkeypatch.setattr(gm_vae, "train_vae", lambda *a, **k: pytest.fail("retrained instead of loading"))
     again = load_or_train_vae("mnist", "smoke")
-    assert torch.equal(again.decode(mean), vae.decode(mean))
+    assert torch.equal(again.model.decode(mean), vae.decode(mean))
+    assert again.train_rows == run.train_rows and again.disc is None  # the logs it was trained with, read back
 
 
 def test_sharpness_and_evaluate():
