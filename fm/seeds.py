@@ -12,13 +12,12 @@ win rate against DPO of the same seed. Runs that 1.3/1.4 already trained (same c
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 
-from common import fig_dir, make_config
+from common import make_config
+from common.cli import profile_main, write_fig_pair
 from common.config import check
 from common.plotting import markdown_table
 from fm.comparisons import LOSS_NAMES, compare_preference_losses, lm_enhance_config, seed_spread
@@ -90,17 +89,12 @@ def write_tables(out: dict) -> str:
     text = (f"Preference runs over training seeds ({out['profile']} profile, {out['prompts']} held-out prompts per "
             f"run): mean and spread (max - min) over seeds\n\n{markdown_table(out['spread'])}\n\n"
             f"Head to head on the same prompts, per training seed\n\n{head_to_head}\n")
-    (fig_dir() / "seeds_fm.md").write_text(text)
-    (fig_dir() / "seeds_fm.json").write_text(json.dumps(out, indent=2, default=str))
-    return text
+    return write_fig_pair("seeds_fm", text, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m fm.seeds [--profile quick]`: train, evaluate and write fig/seeds_fm.md / .json."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=None, help="smoke | quick | full (default: $HW3_PROFILE or quick)")
-    args = parser.parse_args(argv)
-    print(write_tables(run_seeds(seeds_config(args.profile))))
+    profile_main(argv, __doc__.splitlines()[0], lambda profile: write_tables(run_seeds(seeds_config(profile))))
 
 
 if __name__ == "__main__":

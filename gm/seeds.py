@@ -18,7 +18,6 @@ Per quantity: the value of each seed, and the mean and spread (max - min) over s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -26,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from common import fig_dir, make_config
+from common.cli import profile_main, write_fig_pair
 from common.config import check
 from common.plotting import markdown_table
 from gm.eval import load_or_train_classifier
@@ -106,17 +106,12 @@ def write_tables(out: dict) -> str:
     text = (f"Part Two over training seeds {', '.join(map(str, cfg['seeds']))} ({cfg['profile']} profile; 2.2 at "
             f"gan_weight 0 and {out['gan_weight']:g}, {cfg['eval_images']} CIFAR-10 test images; LDM samples as "
             f"in 2.3): mean and spread (max - min) over seeds\n\n{markdown_table(out['spread'])}\n")
-    (fig_dir() / "seeds_gm.md").write_text(text)
-    (fig_dir() / "seeds_gm.json").write_text(json.dumps(out, indent=2, default=str))
-    return text
+    return write_fig_pair("seeds_gm", text, out)
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m gm.seeds [--profile quick]`: train, evaluate and write fig/seeds_gm.md / .json."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=None, help="smoke | quick | full (default: $HW3_PROFILE or quick)")
-    args = parser.parse_args(argv)
-    print(write_tables(run_seeds(seeds_config(args.profile))))
+    profile_main(argv, __doc__.splitlines()[0], lambda profile: write_tables(run_seeds(seeds_config(profile))))
 
 
 if __name__ == "__main__":
