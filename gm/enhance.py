@@ -1,7 +1,7 @@
 """Task 2.4: measured enhancements of the latent diffusion model of task 2.3.
 
 Every experiment samples the same labels from the same start noise (one seed) and measures the images with the
-2.3 metrics through `gm.ldm.evaluate_ldm`: conditional accuracy (95 % CI), the classifier-feature Frechet distance
+2.3 metrics through `gm.ldm_eval.evaluate_ldm`: conditional accuracy (95 % CI), the classifier-feature Frechet distance
 and kernel distance (KID, 95 % CI) to real test images, and wall time. Each runner returns table rows (dicts, for
 `common.plotting.markdown_table`): first the reference rows (real test images, their VAE reconstructions; not timed;
 `reference_rows` computes them once for all experiments, pass them as `refs`), then one timed row per setting.
@@ -40,17 +40,8 @@ from common.plotting import new_figure, save_figure
 from gm.data import DATASETS
 from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
-from gm.ldm import (
-    DISPLAY_NAMES,
-    LDMRun,
-    References,
-    cached_latents,
-    evaluate_ldm,
-    ldm_config,
-    references,
-    table,
-    train_ldm,
-)
+from gm.ldm import LDMRun, cached_latents, ldm_config, train_ldm
+from gm.ldm_eval import DISPLAY_NAMES, References, evaluate_ldm, references, table
 from gm.sampler import SamplerSpec
 
 # Retrained variants of the 2.3 model: name -> LDMConfig overrides (everything else, budget included, unchanged).

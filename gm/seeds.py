@@ -29,7 +29,8 @@ from common.cli import profile_main, write_fig_pair
 from common.config import check
 from common.plotting import markdown_table
 from gm.eval import load_or_train_classifier
-from gm.ldm import evaluate_ldm, ldm_config, report_samplers, train_ldm
+from gm.ldm import ldm_config, train_ldm
+from gm.ldm_eval import evaluate_ldm, report_samplers
 from gm.vae import gan_config, train_vae
 from gm.vae_eval import evaluate
 

@@ -8,7 +8,8 @@ import torch
 
 from gm.diffusion import GaussianDiffusion
 from gm.flow import RectifiedFlow
-from gm.ldm import PROCESSES, build_ldm, generate, ldm_config, train_ldm
+from gm.ldm import PROCESSES, build_ldm, ldm_config, train_ldm
+from gm.ldm_eval import generate
 from gm.model import VAE
 from gm.sampler import SamplerSpec, sample
 

@@ -8,17 +8,8 @@ import torch
 
 from gm.eval import Classifier
 from gm.flow import RectifiedFlow
-from gm.ldm import (
-    LDMConfig,
-    encode_images,
-    evaluate_ldm,
-    ldm_config,
-    plot_loss,
-    report_samplers,
-    summary,
-    table,
-    train_ldm,
-)
+from gm.ldm import LDMConfig, encode_images, ldm_config, train_ldm
+from gm.ldm_eval import evaluate_ldm, plot_loss, report_samplers, summary, table
 from gm.model import VAE
 from gm.sampler import SamplerSpec
 
