@@ -32,7 +32,8 @@ from torch import nn
 
 from common import checkpoint_dir, dist
 from common.io import atomic_save
-from fm.dpo import dpo_config, train_dpo
+from fm.dpo import dpo_config
+from fm.dpo_train import train_dpo
 from fm.model import GPT, GPTConfig
 from fm.model import PRESETS as GPT_PRESETS
 from fm.pretrained import load_lm

@@ -9,8 +9,8 @@ budget (`notebooks/1_4_lm_enhancement.ipynb`).
 - `compare_decoding`: greedy vs temperature/top-k vs nucleus sampling (oracle reward, distinct-n, length,
   reference log-prob per token).
 
-Everything else comes from its own module: models and training from `fm.sft` / `fm.dpo`, the policy evaluation from
-`fm.dpo_analysis`, sampling from `fm.generate`, distinct-n and confidence intervals from
+Everything else comes from its own module: models and training from `fm.sft` / `fm.dpo_train`, the policy
+evaluation from `fm.dpo_analysis`, sampling from `fm.generate`, distinct-n and confidence intervals from
 `fm.metrics`, memory probing from `common.memory`, bar plots from `common.plotting`.
 """
 
@@ -29,8 +29,9 @@ from common.config import check
 from common.logging import column
 from common.memory import peak_memory
 from common.params import count_parameters
-from fm.dpo import PREFERENCE_LOSSES, DPOConfig, dpo_config, train_dpo
+from fm.dpo import PREFERENCE_LOSSES, DPOConfig, dpo_config
 from fm.dpo_analysis import PolicyEval, completion_logps, evaluate_policy
+from fm.dpo_train import train_dpo
 from fm.generate import sample_completions
 from fm.metrics import distinct_n, win_rate
 from fm.preference import chitchat_prompts

@@ -91,7 +91,7 @@ def one_step(run: str) -> dict[str, dict[str, torch.Tensor]]:
     beta1)). The optimizers hold the parameters in `named_parameters` order (SFT and DPO: matrices first)."""
     if run in ("sft", "dpo"):
         from common.optim import build_optimizer
-        from fm.dpo import train_dpo
+        from fm.dpo_train import train_dpo
         from fm.sft import train_sft
 
         if run == "sft":

@@ -141,7 +141,8 @@ def test_make_step_fn_and_dpo_sampling_reject_uneven_shares(monkeypatch, tmp_pat
 
     from common.steps import make_step_fn
     from common.trainer import Trainer
-    from fm.dpo import dpo_config, preference_pairs
+    from fm.dpo import dpo_config
+    from fm.dpo_train import preference_pairs
 
     model = nn.Linear(2, 1)
     trainer = Trainer(tmp_path, {"m": model}, {"m": torch.optim.SGD(model.parameters(), lr=0.1)}, steps=1,

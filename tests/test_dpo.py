@@ -9,15 +9,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from fm.dpo import (
     PREFERENCE_LOSSES,
-    build_dpo,
     dpo_config,
     dpo_dir,
     dpo_loss,
     ipo_loss,
-    load_dpo_models,
     make_preference_loss_fn,
     reward_accuracy,
-    train_dpo,
 )
 from fm.dpo_analysis import (
     SUMMARY_KEYS,
@@ -31,6 +28,7 @@ from fm.dpo_analysis import (
     gradient_weighting_check,
     rewards_by_kind,
 )
+from fm.dpo_train import build_dpo, load_dpo_models, train_dpo
 from fm.logps import concatenated_logps, sequence_logps
 from fm.reward import sentiment_reward
 from fm.sft import sft_config
