@@ -13,35 +13,30 @@ and kernel distance (KID, 95 % CI) to real test images, and wall time. Each runn
   training length, the x0 limit, the network's eps at each t);
 - `guidance_sweep`: classifier-free guidance scale w (0 = unconditional, 1 = conditional model);
 - `weights_comparison`: EMA weights vs raw weights of the same run;
-- `variant_comparison`: the 2.3 model against retrained variants (`VARIANTS`: cosine schedule, v-prediction, both)
-  with the same training budget (steps, batch size, learning rate, seed, VAE);
-- `flow_comparison`: rectified flow (`gm.flow`, the same UNet, latents, guidance and budget) sampled with Euler and
-  Heun against the 2.3 model's DDIM at equal network calls per image.
+- the enhancements that retrain the model are in `gm.enhance_retrain`: the variants of `VARIANTS` (cosine schedule,
+  v-prediction, both) and rectified flow, each with the 2.3 model's training budget;
+- the figures and tables in `gm.enhance_plots`.
 
-Samplers are `gm.sampler.SamplerSpec`s; rows use machine keys (`cond_accuracy`, `images_from`), shown by their
-display names only in rendered tables (`save_table`).
+Samplers are `gm.sampler.SamplerSpec`s (`ddim_spec` builds the experiments' DDIM); rows use machine keys
+(`cond_accuracy`, `images_from`), shown by their display names only in rendered tables (`gm.enhance_plots.save_table`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from common import get_profile, make_config
 from common.config import check
-from common.plotting import new_figure, save_figure
 from gm.data import DATASETS
-from gm.diffusion import GaussianDiffusion
 from gm.eval import Classifier
 from gm.ldm import LDMRun, cached_latents, ldm_config, train_ldm
-from gm.ldm_eval import DISPLAY_NAMES, References, evaluate_ldm, references, table
+from gm.ldm_eval import References, evaluate_ldm, references
 from gm.sampler import SamplerSpec
 
 # Retrained variants of the 2.3 model: name -> LDMConfig overrides (everything else, budget included, unchanged).
@@ -152,9 +147,9 @@ def guidance(run: LDMRun, cfg: LDMEnhanceConfig) -> float:
     return run.config.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
 
 
-def _measure(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, samplers: dict[str, SamplerSpec],
-             use_ema: bool = True, fig_prefix: str | Path | None = None, refs: References | None = None,
-             samples_per_class: int | None = None) -> tuple[list[dict], list[dict]]:
+def measure_samplers(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, samplers: dict[str, SamplerSpec],
+                     use_ema: bool = True, fig_prefix: str | Path | None = None, refs: References | None = None,
+                     samples_per_class: int | None = None) -> tuple[list[dict], list[dict]]:
     """`evaluate_ldm` with the experiment's sample counts (`samples_per_class`, default `cfg.samples_per_class`;
     `cfg.ddpm_samples_per_class` for a DDPM sampler) and seed: (reference rows (real test images, their VAE
     reconstructions), one row per sampler in the order of `samplers`)."""
@@ -169,8 +164,8 @@ def _measure(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, sampler
     return references, samples
 
 
-def _ddim(run: LDMRun, cfg: LDMEnhanceConfig, steps: int | None, eta: float, guidance_scale: float | None = None,
-          limit: bool = False) -> SamplerSpec:
+def ddim_spec(run: LDMRun, cfg: LDMEnhanceConfig, steps: int | None, eta: float, guidance_scale: float | None = None,
+              limit: bool = False) -> SamplerSpec:
     """DDIM on `run`'s process (all T steps if None) at `guidance_scale` (default: `guidance(run, cfg)`); with
     `limit`, the predicted x0 limited by `cfg.x0_clip` / `cfg.x0_threshold`."""
     w = guidance(run, cfg) if guidance_scale is None else guidance_scale
@@ -184,11 +179,11 @@ def step_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
     of `cfg.ddim_steps` steps for each noise level eta in `cfg.ddim_etas`, then (if `cfg.x0_clip`) deterministic
     DDIM with the x0 limit. Rows: the references, then one per sampler with "steps", (DDIM) "eta" and "x0_limit"
     ("-" or the limit) columns."""
-    samplers = {"ddpm": _ddim(run, cfg, None, eta=1.0)} if cfg.ddpm else {}
-    samplers |= {f"ddim{s}_eta{eta:g}": _ddim(run, cfg, s, eta) for eta in cfg.ddim_etas for s in cfg.ddim_steps}
+    samplers = {"ddpm": ddim_spec(run, cfg, None, eta=1.0)} if cfg.ddpm else {}
+    samplers |= {f"ddim{s}_eta{eta:g}": ddim_spec(run, cfg, s, eta) for eta in cfg.ddim_etas for s in cfg.ddim_steps}
     if cfg.x0_clip is not None:
-        samplers |= {f"ddim{s}_eta0_limited": _ddim(run, cfg, s, 0.0, limit=True) for s in cfg.ddim_steps}
-    references, samples = _measure(run, classifier, cfg, samplers, refs=refs)
+        samplers |= {f"ddim{s}_eta0_limited": ddim_spec(run, cfg, s, 0.0, limit=True) for s in cfg.ddim_steps}
+    references, samples = measure_samplers(run, classifier, cfg, samplers, refs=refs)
     for row, spec in zip(samples, samplers.values(), strict=True):
         row["steps"] = spec.num_steps
         row["x0_limit"] = x0_limit_label(spec)
@@ -206,7 +201,7 @@ def eta_table(rows: Sequence[dict], metric: str = "cond_accuracy") -> list[dict]
     """The step sweep's DDIM rows as the DDIM paper's Table 1: one row per (eta, x0 limit), one column per step
     count, each cell `metric` (with its CI where it has one)."""
     table: dict[tuple, dict] = {}
-    for r in _split(rows)[1]:
+    for r in split_rows(rows)[1]:
         if "eta" not in r:
             continue
         ci = r.get(f"{metric}_ci")
@@ -230,23 +225,23 @@ def gap_experiments(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
       eta 0 and 1 (and eta 0 with the x0 limit).
     """
     n, steps = cfg.samples_per_class, cfg.compare_steps
-    experiments = [("guidance", run, {f"w1_eta{eta:g}": _ddim(run, cfg, steps, eta, 1.0) for eta in (0.0, 1.0)}, n),
-                   ("discretisation", run, {"ddpm": _ddim(run, cfg, None, 1.0),
-                                            "ddim_all_eta0": _ddim(run, cfg, run.config.timesteps, 0.0)},
+    experiments = [("guidance", run, {f"w1_eta{eta:g}": ddim_spec(run, cfg, steps, eta, 1.0) for eta in (0.0, 1.0)}, n),
+                   ("discretisation", run, {"ddpm": ddim_spec(run, cfg, None, 1.0),
+                                            "ddim_all_eta0": ddim_spec(run, cfg, run.config.timesteps, 0.0)},
                     cfg.ddpm_samples_per_class or n)]
     if cfg.x0_clip is not None:
-        experiments.append(("x0 limit", run, {f"eta{eta:g}": _ddim(run, cfg, steps, eta, limit=True)
+        experiments.append(("x0 limit", run, {f"eta{eta:g}": ddim_spec(run, cfg, steps, eta, limit=True)
                                               for eta in (0.0, 1.0)}, n))
     if cfg.longer_training:
         longer = train_ldm(dataclasses.replace(run.config, steps=round(cfg.longer_training * run.config.steps),
                                                progress=cfg.progress), vae=run.vae)
-        samplers = {f"eta{eta:g}": _ddim(longer, cfg, steps, eta) for eta in (0.0, 1.0)}
+        samplers = {f"eta{eta:g}": ddim_spec(longer, cfg, steps, eta) for eta in (0.0, 1.0)}
         if cfg.x0_clip is not None:
-            samplers["eta0_limited"] = _ddim(longer, cfg, steps, 0.0, limit=True)
+            samplers["eta0_limited"] = ddim_spec(longer, cfg, steps, 0.0, limit=True)
         experiments.append((f"training length x{cfg.longer_training:g}", longer, samplers, n))
     rows = []
     for name, r, samplers, count in experiments:
-        references, samples = _measure(r, classifier, cfg, samplers, refs=refs, samples_per_class=count)
+        references, samples = measure_samplers(r, classifier, cfg, samplers, refs=refs, samples_per_class=count)
         rows = rows or [{"experiment": "-", **row} for row in references]
         for sample, spec in zip(samples, samplers.values(), strict=True):
             sample.pop("speed_up", None)
@@ -288,8 +283,8 @@ def guidance_sweep(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
     """Classifier-free guidance eps_u + w (eps_c - eps_u) for each w in `cfg.guidance_scales`, DDIM with
     `cfg.compare_steps` steps and noise `cfg.compare_eta`. With `fig_prefix`, a class grid per scale:
     `{fig_prefix}_w{w:g}.png`."""
-    samplers = {f"w{w:g}": _ddim(run, cfg, cfg.compare_steps, cfg.compare_eta, w) for w in cfg.guidance_scales}
-    references, samples = _measure(run, classifier, cfg, samplers, fig_prefix=fig_prefix, refs=refs)
+    samplers = {f"w{w:g}": ddim_spec(run, cfg, cfg.compare_steps, cfg.compare_eta, w) for w in cfg.guidance_scales}
+    references, samples = measure_samplers(run, classifier, cfg, samplers, fig_prefix=fig_prefix, refs=refs)
     return references + samples
 
 
@@ -300,76 +295,16 @@ def weights_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfi
     last_eval = run.eval_rows[-1] if run.eval_rows else {}
     rows = []
     for use_ema, label, loss_key in ((True, "EMA", "val_loss_ema"), (False, "raw", "val_loss")):
-        sampler = {"ddim": _ddim(run, cfg, cfg.compare_steps, cfg.compare_eta)}
-        references, (sample,) = _measure(run, classifier, cfg, sampler, use_ema=use_ema, refs=refs)
+        sampler = {"ddim": ddim_spec(run, cfg, cfg.compare_steps, cfg.compare_eta)}
+        references, (sample,) = measure_samplers(run, classifier, cfg, sampler, use_ema=use_ema, refs=refs)
         rows = rows or [{"weights": "-", **r} for r in references]
         rows.append({"weights": label, **sample, "val_loss": last_eval.get(loss_key, math.nan)})
     return rows
 
 
-def train_variant(run: LDMRun, name: str, progress: bool = True) -> LDMRun:
-    """`run`'s model retrained with the overrides of VARIANTS[name] and otherwise the same config (the same
-    budget, data, VAE and seed). Cached like any LDM run: a finished variant is only loaded."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-    return train_ldm(dataclasses.replace(run.config, progress=progress, **VARIANTS[name]), vae=run.vae)
-
-
-def training_seconds(run: LDMRun) -> float:
-    """Wall time of the training steps of a run (sum of the logged step times)."""
-    return sum(r.get("step_time", 0.0) for r in run.train_rows)
-
-
-def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig,
-                       fig_prefix: str | Path | None = None, refs: References | None = None) -> list[dict]:
-    """The 2.3 model against each variant of `cfg.variants`, trained with the same budget and sampled identically
-    (DDIM with `cfg.compare_steps` steps, EMA weights) for each eta of `cfg.compare_etas`. Rows: the references, then
-    one per (model, eta). With `fig_prefix`, class grids `{fig_prefix}_{model}_eta{eta}.png`."""
-    runs = {"2.3 model": run} | {name: train_variant(run, name, cfg.progress) for name in cfg.variants}
-    rows = []
-    for name, r in runs.items():
-        prefix = None if fig_prefix is None else f"{fig_prefix}_{re.sub(r'[^a-z0-9.]+', '_', name)}"
-        samplers = {f"eta{eta:g}": _ddim(r, cfg, cfg.compare_steps, eta) for eta in cfg.compare_etas}
-        references, samples = _measure(r, classifier, cfg, samplers, fig_prefix=prefix, refs=refs)
-        rows = rows or [{"model": "-", **row} for row in references]
-        for sample, spec in zip(samples, samplers.values(), strict=True):
-            sample.pop("speed_up", None)
-            rows.append({"model": name, "schedule": r.config.schedule, "prediction": r.config.prediction,
-                         "train_steps": r.config.steps, "train_seconds": training_seconds(r), "eta": spec.eta,
-                         **sample})
-    return rows
-
-
-def train_flow(run: LDMRun, progress: bool = True) -> LDMRun:
-    """`run`'s model retrained as a rectified flow (`LDMConfig.process = "flow"`): the same UNet, data, VAE, seed
-    and budget. Cached like any LDM run."""
-    return train_ldm(dataclasses.replace(run.config, process="flow", progress=progress), vae=run.vae)
-
-
-def flow_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfig, flow: LDMRun | None = None,
-                    refs: References | None = None) -> list[dict]:
-    """Rectified flow against DDIM at equal network calls per image: for each n in `cfg.flow_calls`, DDIM with n
-    steps on `run` for each eta of `cfg.compare_etas`, and the flow model (`flow`, trained by `train_flow` if None)
-    with n Euler steps and n / 2 Heun steps; all at `guidance(run, cfg)`, `cfg.flow_samples_per_class` images per
-    class, EMA weights. Rows: the references, then one per (sampler, calls) with a "model" column."""
-    flow = flow or train_flow(run, cfg.progress)
-    w, n = guidance(run, cfg), cfg.flow_samples_per_class
-    refs = refs or reference_rows(run, classifier, cfg, n)
-    rows = []
-    for calls in cfg.flow_calls:
-        for model, samplers in (
-                ("2.3 DDPM", {f"ddim{calls}_eta{eta:g}": _ddim(run, cfg, calls, eta, w)
-                              for eta in cfg.compare_etas}),
-                ("flow", {f"{solver}{calls}": SamplerSpec(flow.model.process, calls // order, guidance_scale=w,
-                                                         solver=solver)
-                          for solver, order in (("euler", 1), ("heun", 2))})):
-            references, samples = _measure(run if model != "flow" else flow, classifier, cfg, samplers, refs=refs,
-                                           samples_per_class=n)
-            rows = rows or [{"model": "-", **r} for r in references]
-            for sample in samples:
-                sample.pop("speed_up", None)  # relative to the other sampler of the call only
-                rows.append({"model": model, **sample})
-    return rows
+def split_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(reference rows, sample rows) of an experiment table: only sample rows were timed."""
+    return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
 
 
 def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]:
@@ -380,130 +315,4 @@ def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]
         "n": r["n"], "cond_acc": r["cond_accuracy"], "cond_acc_ci": list(r["cond_accuracy_ci"]),
         "fd": r["feature_fd"], "kid": r["kid"], "kid_ci": list(r["kid_ci"]), "images_per_s": r["images_per_s"],
         **{k: r[k] for k in ("latent_std", "latent_max") if k in r}}
-        for r in _split(rows)[1]}
-
-
-def compare_rates(a: dict, b: dict) -> str:
-    """How row a's conditional accuracy compares with row b's, told apart by their 95 % CIs: "higher than" (a's
-    interval wholly above b's), "lower than", or "not different from" (the intervals overlap)."""
-    (a_lo, a_hi), (b_lo, b_hi) = a["cond_accuracy_ci"], b["cond_accuracy_ci"]
-    return "higher than" if a_lo > b_hi else "lower than" if a_hi < b_lo else "not different from"
-
-
-def flow_verdict(rows: Sequence[dict]) -> dict[str, dict]:
-    """Per number of network calls of a `flow_comparison`: the flow sampler with the higher conditional accuracy
-    (Euler or Heun) against the DDIM row with the higher one (any eta), as {calls: {"flow", "flow_acc", "ddim",
-    "ddim_acc", "flow_is": `compare_rates(flow, ddim)`}} for fig/part2_summary.json."""
-    out = {}
-    for calls in dict.fromkeys(r["network_calls"] for r in _split(rows)[1]):
-        at = [r for r in _split(rows)[1] if r["network_calls"] == calls]
-        flow = max((r for r in at if r["model"] == "flow"), key=lambda r: r["cond_accuracy"])
-        ddim = max((r for r in at if r["model"] != "flow"), key=lambda r: r["cond_accuracy"])
-        out[str(calls)] = {"flow": flow["images_from"], "flow_acc": flow["cond_accuracy"],
-                           "ddim": f"{ddim['images_from']} eta {ddim['eta']:g}", "ddim_acc": ddim["cond_accuracy"],
-                           "flow_is": compare_rates(flow, ddim)}
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- figures
-
-
-def save_table(rows: Sequence[dict], path: str | Path, caption: str) -> str:
-    """Write `caption` and the markdown table of `rows` (display names as headers) to `path` (for the report);
-    returns the text."""
-    text = f"{caption}\n\n{table(rows)}"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
-
-
-def _split(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """(reference rows, sample rows) of an experiment table: only sample rows were timed."""
-    return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
-
-
-def plot_tradeoff(curves: dict[str, Sequence[dict]], x: str, path: str | Path, title: str, xlabel: str,
-                  references: Sequence[dict] = (), logx: bool = False, annotate: str | None = None) -> Path:
-    """Conditional accuracy and KID (two panels, 95 % CIs as error bars) against row key `x` for each named list of
-    rows. `references` (real images, VAE reconstructions) are drawn as horizontal lines; `annotate`: a row key
-    written next to each point. A log x axis is labelled at powers of ten, or at the data's x values when they span
-    less than a decade, in plain numbers (no overlapping minor-tick labels)."""
-    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
-    all_x = sorted({r[x] for rows in curves.values() for r in rows})
-    for ax, metric in zip(axes, METRICS, strict=True):
-        for label, rows in curves.items():
-            xs, ys = [r[x] for r in rows], [r[metric] for r in rows]
-            err = [[y - r[f"{metric}_ci"][0] for r, y in zip(rows, ys, strict=True)],
-                   [r[f"{metric}_ci"][1] - y for r, y in zip(rows, ys, strict=True)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=label)
-            if annotate:
-                for r, xv, yv in zip(rows, xs, ys, strict=True):
-                    ax.annotate(f"{r[annotate]:g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        for ref, style in zip(references, ("--", ":", "-."), strict=False):
-            ax.axhline(ref[metric], color="gray", linestyle=style, label=ref["images_from"])
-        better = " (higher is better)" if metric == METRICS[0] else " (lower is better)"
-        ax.set(xlabel=xlabel, ylabel=DISPLAY_NAMES[metric] + better)
-        if logx:
-            ax.set_xscale("log")
-            if all_x and all_x[-1] < 10 * all_x[0]:
-                ax.set_xticks(all_x)
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
-
-
-def plot_step_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """The step sweep as quality vs sampling seconds (log), points labelled with their step count."""
-    references, samples = _split(rows)
-    keys = dict.fromkeys((r["eta"], r.get("x0_limit", "-")) for r in samples if "eta" in r)
-    curves = {f"DDIM (eta = {eta:g}{'' if limit == '-' else ', x0 ' + limit})":
-              [r for r in samples if r.get("eta") == eta and r.get("x0_limit", "-") == limit] for eta, limit in keys}
-    ddpm = [r for r in samples if r["images_from"].startswith("DDPM")]
-    curves |= {"DDPM (ancestral)": ddpm} if ddpm else {}
-    return plot_tradeoff(curves, "seconds", path, title, "sampling seconds (log scale)", references, logx=True,
-                         annotate="steps")
-
-
-def plot_flow_comparison(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """The flow comparison as quality against network calls per image (log), one curve per sampler (and eta)."""
-    references, samples = _split(rows)
-    curves: dict[str, list[dict]] = {}
-    for r in samples:
-        name = r["images_from"].rsplit("-", 1)[0] + (f" (eta = {r['eta']:g})" if "eta" in r else "")
-        curves.setdefault(name, []).append(r)
-    return plot_tradeoff(curves, "network_calls", path, title, "network calls per image (log scale)", references,
-                         logx=True)
-
-
-def plot_guidance_sweep(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """The guidance sweep: quality against the guidance scale w."""
-    references, samples = _split(rows)
-    return plot_tradeoff({samples[0]["images_from"]: samples}, "guidance", path, title, "guidance scale w",
-                         references)
-
-
-def log_snr(diffusion: GaussianDiffusion) -> torch.Tensor:
-    """(T,) log signal-to-noise ratio log(abar_t / (1 - abar_t)) of a schedule."""
-    abar = diffusion.alphas_cumprod.double()
-    return (abar / (1 - abar)).log()
-
-
-def plot_schedules(path: str | Path, title: str, timesteps: int = 1000) -> Path:
-    """abar_t and log SNR of the linear and cosine schedules (the cosine one destroys information more evenly)."""
-    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
-    t = torch.arange(timesteps)
-    for schedule in ("linear", "cosine"):
-        diffusion = GaussianDiffusion(timesteps, schedule=schedule)
-        axes[0].plot(t, diffusion.alphas_cumprod, label=schedule)
-        axes[1].plot(t, log_snr(diffusion), label=schedule)
-    axes[0].set(xlabel="t", ylabel=r"$\bar\alpha_t$")
-    axes[1].set(xlabel="t", ylabel=r"log SNR $= \log \bar\alpha_t / (1 - \bar\alpha_t)$")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+        for r in split_rows(rows)[1]}

@@ -10,26 +10,24 @@ import torch
 from gm.diffusion import GaussianDiffusion
 from gm.enhance import (
     LDMEnhanceConfig,
-    compare_rates,
     eps_bias,
     eta_table,
-    flow_comparison,
-    flow_verdict,
     gap_experiments,
     guidance_sweep,
     headline,
     ldm_enhance_config,
-    log_snr,
-    plot_flow_comparison,
-    plot_guidance_sweep,
-    plot_schedules,
-    plot_step_sweep,
     reference_rows,
     step_sweep,
+    weights_comparison,
+)
+from gm.enhance_plots import log_snr, plot_flow_comparison, plot_guidance_sweep, plot_schedules, plot_step_sweep
+from gm.enhance_retrain import (
+    compare_rates,
+    flow_comparison,
+    flow_verdict,
     train_flow,
     train_variant,
     variant_comparison,
-    weights_comparison,
 )
 from gm.eval import Classifier
 from gm.ldm import ldm_config, train_ldm
