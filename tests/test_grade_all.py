@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from test_submit import shared_release, student_tree, submitted
 
-from course.grade_all import MAX_FILES, RefusedZip, grade_all, gradescope_results, safe_unzip
+from course.grade_all import MAX_FILES, RefusedZip, grade_all, safe_unzip
+from course.gradebook import gradescope_results
 from course.tasks import task_by_id
 
 TIMEOUT = 20  # seconds per task: what the hang costs
