@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,11 +308,20 @@ def split_rows(rows: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "seconds" not in r], [r for r in rows if "seconds" in r]
 
 
+def machine_key(value: object, key: str = "") -> str:
+    """A row value as a JSON key: floats by `:g`, "eta" values as "eta0.2", text in snake case ("DDIM-50 x0 thr.
+    0.995" -> "ddim_50_x0_thr_0.995", "2.3 model" -> "2.3_model", "EMA" -> "ema")."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    if key == "eta":
+        return f"eta{text}"
+    return re.sub(r"[^a-z0-9.]+", "_", text.lower()).replace("._", "_").strip("_.")
+
+
 def headline(rows: Sequence[dict], label_keys: Sequence[str]) -> dict[str, dict]:
     """The timed rows of an experiment as {label: {n, cond_acc, cond_acc_ci, fd, kid, kid_ci, images_per_s,
-    latent_std, latent_max}} for fig/part2_summary.json; a row's label joins its `label_keys` values with "_" (e.g.
-    "DDIM-50_1" for ("images_from", "eta"))."""
-    return {"_".join(f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in label_keys if k in r): {
+    latent_std, latent_max}} for fig/part2_summary.json; a row's label joins the `machine_key`s of its `label_keys`
+    values with "_" (e.g. "ddim_50_eta1" for ("images_from", "eta")); the display names stay in the tables."""
+    return {"_".join(machine_key(r[k], k) for k in label_keys if k in r): {
         "n": r["n"], "cond_acc": r["cond_accuracy"], "cond_acc_ci": list(r["cond_accuracy_ci"]),
         "fd": r["feature_fd"], "kid": r["kid"], "kid_ci": list(r["kid_ci"]), "images_per_s": r["images_per_s"],
         **{k: r[k] for k in ("latent_std", "latent_max") if k in r}}

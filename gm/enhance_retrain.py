@@ -10,7 +10,6 @@ learning rate, seed, VAE), measured as `gm.enhance` measures samplers:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from gm.enhance import (
     LDMEnhanceConfig,
     ddim_spec,
     guidance,
+    machine_key,
     measure_samplers,
     reference_rows,
     split_rows,
@@ -50,7 +50,7 @@ def variant_comparison(run: LDMRun, classifier: Classifier, cfg: LDMEnhanceConfi
     runs = {"2.3 model": run} | {name: train_variant(run, name, cfg.progress) for name in cfg.variants}
     rows = []
     for name, r in runs.items():
-        prefix = None if fig_prefix is None else f"{fig_prefix}_{re.sub(r'[^a-z0-9.]+', '_', name)}"
+        prefix = None if fig_prefix is None else f"{fig_prefix}_{machine_key(name)}"
         samplers = {f"eta{eta:g}": ddim_spec(r, cfg, cfg.compare_steps, eta) for eta in cfg.compare_etas}
         references, samples = measure_samplers(r, classifier, cfg, samplers, fig_prefix=prefix, refs=refs)
         rows = rows or [{"model": "-", **row} for row in references]

@@ -96,7 +96,7 @@ def run_seeds(cfg: SeedsConfig) -> dict:
     for quantity in dict.fromkeys(r["quantity"] for r in rows):
         values = [r["value"] for r in rows if r["quantity"] == quantity]
         spread.append({"quantity": quantity, "seeds": len(values), "mean": statistics.fmean(values),
-                       "spread (max - min)": max(values) - min(values),
+                       "spread": max(values) - min(values),
                        "values": ", ".join(f"{v:.4g}" for v in values)})
     return {"config": asdict(cfg), "gan_weight": weight, "rows": rows, "spread": spread}
 

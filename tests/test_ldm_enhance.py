@@ -16,6 +16,7 @@ from gm.enhance import (
     guidance_sweep,
     headline,
     ldm_enhance_config,
+    machine_key,
     reference_rows,
     step_sweep,
     weights_comparison,
@@ -127,7 +128,7 @@ def test_x0_limit_rows_eta_table_and_gap_experiments(tiny, tmp_path):
     assert [r["guidance"] for r in gap[:2]] == [1.0, 1.0] and gap[2]["images_from"] == f"DDPM-{T}"
     assert gap[3]["images_from"] == f"DDIM-{T}" and gap[3]["eta"] == 0.0
     assert gap[-1]["train_steps"] == 2 * run.config.steps
-    assert list(headline(rows, ("experiment", "images_from", "eta")))[2] == f"discretisation_DDPM-{T}"
+    assert list(headline(rows, ("experiment", "images_from", "eta")))[2] == f"discretisation_ddpm_{T}"
     bias = eps_bias(run, num=32)
     assert [r["t"] for r in bias][0] == T - 1 and all(r["eps_mse"] > 0 for r in bias)
     with pytest.raises(ValueError, match="x0_threshold"):
@@ -231,3 +232,10 @@ def test_compare_rates_tells_rows_apart_by_their_intervals():
     assert compare_rates(row(0.9, 0.95), row(0.7, 0.8)) == "higher than"
     assert compare_rates(row(0.7, 0.8), row(0.9, 0.95)) == "lower than"
     assert compare_rates(row(0.7, 0.9), row(0.85, 0.95)) == "not different from"
+
+
+def test_machine_key_turns_row_labels_into_json_keys():
+    assert machine_key("DDIM-50 x0 thr. 0.995") == "ddim_50_x0_thr_0.995"
+    assert machine_key("training length x2") == "training_length_x2" and machine_key("EMA") == "ema"
+    assert machine_key("2.3 model") == "2.3_model" and machine_key("Flow Euler-10") == "flow_euler_10"
+    assert machine_key(0.0, "eta") == "eta0" and machine_key(0.2, "eta") == "eta0.2" and machine_key(4.0) == "4"
