@@ -219,7 +219,7 @@ def test_flow_comparison_at_equal_network_calls(tiny, tmp_path):
     assert {r["n"] for r in references + samples} == {10 * cfg.flow_samples_per_class}
     assert {r["guidance"] for r in samples} == {run.config.guidance_scale}
     assert len({r["feature_fd"] for r in samples}) == len(samples)  # every sampler draws other images
-    assert list(headline(rows, ("images_from", "eta")))[:3] == ["DDIM-2_0", "DDIM-2_1", "Flow Euler-2"]
+    assert list(headline(rows, ("images_from", "eta")))[:3] == ["ddim_2_eta0", "ddim_2_eta1", "flow_euler_2"]
     assert plot_flow_comparison(rows, tmp_path / "flow.png", "smoke").stat().st_size > 0
     verdict = flow_verdict(rows)
     assert list(verdict) == ["2", "4"] and verdict["2"]["flow"].startswith("Flow")
