@@ -18,8 +18,9 @@ from course import run_notebooks
 from course.run_notebooks import TRANSPORT_WARNING, NotebookError, list_notebooks, main, notebooks_from, run_notebook
 
 ROOT = Path(__file__).parent.parent
-# fig/ files that the report includes but no notebook writes: the benchmarks' results and make figures' timing table
-NOT_FROM_NOTEBOOKS = re.compile(r"^(bench_|kv_cache_bench_|gpu_probe|notebook_times_)")
+# fig/ files that the report includes but no notebook writes: the benchmarks' results, make figures' timing table and
+# make seeds' tables (written by fm.seeds / gm.seeds, whose smoke runs tests/test_seeds.py and test_gm_seeds.py check)
+NOT_FROM_NOTEBOOKS = re.compile(r"^(bench_|kv_cache_bench_|gpu_probe|notebook_times_|seeds_)")
 # the notebooks the runner of `make figures` runs here: all where the browser test cannot run them, else the
 # quickest one (1_1: a few seconds), which the browser test runs again
 HEADLESS = list_notebooks() if browser_missing() else [p for p in list_notebooks() if p.name.startswith("1_1")]
