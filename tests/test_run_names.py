@@ -3,9 +3,10 @@
 EXPECTED was computed by the code of commit 652bf38 (before the bookkeeping fields were marked in the dataclasses'
 metadata): every preset of every profile and data set, the 1.4 and 2.4 experiment runs built from them, and the
 2.2 GAN grid. A changed name would silently retrain a run, or orphan its checkpoint. The quick GAN runs' names changed
-on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2), and the 1.3 DPO, 1.4 LoRA-vs-full and
-1.4 frontier runs when their presets changed (#31: LoRA DPO of 40 steps; a frontier of beta x training seed, named by
-`fm.comparisons.preference_run_config`). Unchanged configs of those families kept their digests.
+on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2) and then to 250 (#32 item 6: 2_2
+within 15 minutes), the CIFAR-10 judge's when it went from 7 to 5 epochs (#32 item 6), and the 1.3 DPO, 1.4
+LoRA-vs-full and 1.4 frontier runs when their presets changed (#31: LoRA DPO of 40 steps; a frontier of beta x
+training seed, named by `fm.comparisons.preference_run_config`). Unchanged configs of those families kept their digests.
 """
 
 from __future__ import annotations
@@ -128,15 +129,15 @@ EXPECTED = {
     "dpo/enhance/quick/dpo_2_seed1": "frontier_quick_4811a1fe_sft-39656d4f",
     "vae/quick/mnist": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "vae/quick/mnist/ldm": "mnist_kl1e-06_gan0_quick_8db3c72e",
-    "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_d383a314",
-    "gan/quick/mnist/kl1e-06_gan0_adaptive": "mnist_kl1e-06_gan0_quick_78c988a9",
-    "gan/quick/mnist/kl1e-06_gan0.1_fixed": "mnist_kl1e-06_gan0.1_quick_f9fa4b00",
-    "gan/quick/mnist/kl1e-06_gan0.1_adaptive": "mnist_kl1e-06_gan0.1_quick_ea262e68",
+    "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_4ed71fe7",
+    "gan/quick/mnist/kl1e-06_gan0_adaptive": "mnist_kl1e-06_gan0_quick_955bf334",
+    "gan/quick/mnist/kl1e-06_gan0.1_fixed": "mnist_kl1e-06_gan0.1_quick_1f845c41",
+    "gan/quick/mnist/kl1e-06_gan0.1_adaptive": "mnist_kl1e-06_gan0.1_quick_bab3c6d2",
     "gan/quick/mnist/kl1e-06/base": "mnist_kl1e-06_gan0_quick_8db3c72e",
-    "gan/quick/mnist/kl0.001_gan0_fixed": "mnist_kl0.001_gan0_quick_70e9c225",
-    "gan/quick/mnist/kl0.001_gan0_adaptive": "mnist_kl0.001_gan0_quick_7634ead1",
-    "gan/quick/mnist/kl0.001_gan0.1_fixed": "mnist_kl0.001_gan0.1_quick_6445ec16",
-    "gan/quick/mnist/kl0.001_gan0.1_adaptive": "mnist_kl0.001_gan0.1_quick_50d5c8d2",
+    "gan/quick/mnist/kl0.001_gan0_fixed": "mnist_kl0.001_gan0_quick_12392ad6",
+    "gan/quick/mnist/kl0.001_gan0_adaptive": "mnist_kl0.001_gan0_quick_b1668092",
+    "gan/quick/mnist/kl0.001_gan0.1_fixed": "mnist_kl0.001_gan0.1_quick_a51a1f8f",
+    "gan/quick/mnist/kl0.001_gan0.1_adaptive": "mnist_kl0.001_gan0.1_quick_2363db74",
     "gan/quick/mnist/kl0.001/base": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "classifier/quick/mnist": "mnist_quick_ca484cd2",
     "ldm/quick/mnist": "mnist_quick_054510cb_vae01234567",
@@ -146,17 +147,17 @@ EXPECTED = {
     "ldm/quick/mnist/cosine + v-prediction": "mnist_quick_8a79e9f7_vae01234567",
     "vae/quick/cifar10": "cifar10_kl0.001_gan0_quick_c669eb88",
     "vae/quick/cifar10/ldm": "cifar10_kl1e-06_gan0_quick_be7a6583",
-    "gan/quick/cifar10/kl1e-06_gan0_fixed": "cifar10_kl1e-06_gan0_quick_485901e9",
-    "gan/quick/cifar10/kl1e-06_gan0_adaptive": "cifar10_kl1e-06_gan0_quick_30403011",
-    "gan/quick/cifar10/kl1e-06_gan0.1_fixed": "cifar10_kl1e-06_gan0.1_quick_77e2a04f",
-    "gan/quick/cifar10/kl1e-06_gan0.1_adaptive": "cifar10_kl1e-06_gan0.1_quick_d01f0ae2",
+    "gan/quick/cifar10/kl1e-06_gan0_fixed": "cifar10_kl1e-06_gan0_quick_af705403",
+    "gan/quick/cifar10/kl1e-06_gan0_adaptive": "cifar10_kl1e-06_gan0_quick_ec304cad",
+    "gan/quick/cifar10/kl1e-06_gan0.1_fixed": "cifar10_kl1e-06_gan0.1_quick_1c320b23",
+    "gan/quick/cifar10/kl1e-06_gan0.1_adaptive": "cifar10_kl1e-06_gan0.1_quick_e93764a6",
     "gan/quick/cifar10/kl1e-06/base": "cifar10_kl1e-06_gan0_quick_be7a6583",
-    "gan/quick/cifar10/kl0.001_gan0_fixed": "cifar10_kl0.001_gan0_quick_bca27182",
-    "gan/quick/cifar10/kl0.001_gan0_adaptive": "cifar10_kl0.001_gan0_quick_490fbdc1",
-    "gan/quick/cifar10/kl0.001_gan0.1_fixed": "cifar10_kl0.001_gan0.1_quick_d2b32a5d",
-    "gan/quick/cifar10/kl0.001_gan0.1_adaptive": "cifar10_kl0.001_gan0.1_quick_2bea5107",
+    "gan/quick/cifar10/kl0.001_gan0_fixed": "cifar10_kl0.001_gan0_quick_b1aff615",
+    "gan/quick/cifar10/kl0.001_gan0_adaptive": "cifar10_kl0.001_gan0_quick_4aed26c1",
+    "gan/quick/cifar10/kl0.001_gan0.1_fixed": "cifar10_kl0.001_gan0.1_quick_dcb98fa3",
+    "gan/quick/cifar10/kl0.001_gan0.1_adaptive": "cifar10_kl0.001_gan0.1_quick_2772b6c8",
     "gan/quick/cifar10/kl0.001/base": "cifar10_kl0.001_gan0_quick_c669eb88",
-    "classifier/quick/cifar10": "cifar10_quick_52c6bc7e",
+    "classifier/quick/cifar10": "cifar10_quick_8cab148d",
     "ldm/quick/cifar10": "cifar10_quick_4a8ad5a2_vae01234567",
     "ldm/quick/cifar10/flow": "cifar10_quick_49a2d2e1_vae01234567",
     "ldm/quick/cifar10/cosine schedule": "cifar10_quick_8ace0d5e_vae01234567",
