@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import fig_dir, get_device  # noqa: E402
 from common.plotting import markdown_table  # noqa: E402
 from fm.generate import kv_cache_benchmark  # noqa: E402
+from fm.metrics import DISPLAY_NAMES  # noqa: E402
 from fm.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -42,13 +43,13 @@ def main() -> None:
     model = GPT(GPTConfig.from_preset(args.preset)).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), device=device)
     rows = kv_cache_benchmark(model, prompt, args.new_tokens, repeats=args.repeats, progress=True)
-    if not all(row["same tokens"] for row in rows):
+    if not all(row["same_tokens"] for row in rows):
         raise AssertionError("cached and uncached greedy generations differ")
-    result = dict(rows=rows, preset=args.preset, parameters_M=round(model.num_parameters() / 1e6, 1),
+    result = dict(rows=rows, preset=args.preset, parameters_m=round(model.num_parameters() / 1e6, 1),
                   prompt_len=args.prompt_len, device=str(device), threads=torch.get_num_threads())
-    print(markdown_table(rows))
-    setting = f"{args.preset}, {result['parameters_M']}M params, prompt {args.prompt_len}, {args.repeats} repeats"
-    speedups = ", ".join(f"{r['speed-up']:.2f}x at {r['new tokens']}" for r in rows)
+    print(markdown_table(rows, names=DISPLAY_NAMES))
+    setting = f"{args.preset}, {result['parameters_m']}M params, prompt {args.prompt_len}, {args.repeats} repeats"
+    speedups = ", ".join(f"{r['speedup']:.2f}x at {r['new_tokens']}" for r in rows)
     print(f"KV-cache speed-up (median): {speedups} ({setting}, {result['threads']} CPU threads)")
     out = args.out or fig_dir() / f"kv_cache_bench_{args.preset}.json"
     with open(out, "w") as f:

@@ -34,6 +34,11 @@ from fm.model import GPT, GPTConfig  # noqa: E402
 FULL = dict(config=dict(n_layer=6), shapes=((4, 256), (2, 512)), repeats=10, new_tokens=100, prompt_len=16)
 QUICK = dict(config=dict(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=1000), shapes=((2, 32), (1, 64)),
              repeats=2, new_tokens=8, prompt_len=8)
+MODEL_NAMES = {"ours_manual": "ours manual", "ours_sdpa": "ours sdpa", "hf_sdpa": "HF sdpa"}
+DISPLAY_NAMES = {"forward_backward": "forward + backward", "greedy_generation": "greedy generation",
+                 "same_tokens": "same tokens", **{f"{k}_s": f"{n} (s)" for k, n in MODEL_NAMES.items()},
+                 **{f"{k}_tokens_per_s": f"{n} (tokens/s)" for k, n in MODEL_NAMES.items()},
+                 **{f"{k}_vs_hf": f"{n} / HF" for k, n in MODEL_NAMES.items()}}  # the printed tables' headers
 
 
 def build_models(config: GPTConfig) -> dict[str, nn.Module]:
@@ -50,11 +55,11 @@ def build_models(config: GPTConfig) -> dict[str, nn.Module]:
         raise RuntimeError(f"HF GPT-2 did not take our weights: missing {missing}, unexpected {unexpected}")
     sdpa = GPT(replace(config, attn_impl="sdpa"))
     sdpa.load_hf_state_dict(hf.state_dict())
-    models = {"ours manual": manual, "ours sdpa": sdpa, "HF sdpa": hf}
+    models = {"ours_manual": manual, "ours_sdpa": sdpa, "hf_sdpa": hf}
     ids = torch.randint(0, config.vocab_size, (2, 16))
     with torch.no_grad():
         want = hf.eval()(ids).logits
-        for name in ("ours manual", "ours sdpa"):
+        for name in ("ours_manual", "ours_sdpa"):
             torch.testing.assert_close(models[name].eval()(ids).logits, want, atol=1e-4, rtol=1e-4, msg=name)
     return models
 
@@ -84,10 +89,10 @@ def bench_train(models: dict[str, nn.Module], shapes, vocab_size: int, repeats: 
             model.train()
         cases = {name: (lambda m=model, x=ids: train_step(m, x)) for name, model in models.items()}
         med = interleaved_medians(cases, repeats)
-        row = {"forward + backward": f"{batch} x {length}", **{f"{n} (s)": round(t, 4) for n, t in med.items()}}
-        row.update({f"{n} / HF": round(med[n] / med["HF sdpa"], 3) for n in ("ours manual", "ours sdpa")})
+        row = {"forward_backward": f"{batch} x {length}", **{f"{n}_s": round(t, 4) for n, t in med.items()}}
+        row.update({f"{n}_vs_hf": round(med[n] / med["hf_sdpa"], 3) for n in ("ours_manual", "ours_sdpa")})
         rows.append(row)
-        print(markdown_table([row]), flush=True)
+        print(markdown_table([row], names=DISPLAY_NAMES), flush=True)
     return rows
 
 
@@ -101,7 +106,7 @@ def bench_generate(models: dict[str, nn.Module], vocab_size: int, prompt_len: in
         outputs[name] = generate(models[name], prompt, new_tokens, temperature=0.0, attention_mask=mask)
 
     def hf() -> None:
-        outputs["HF sdpa"] = models["HF sdpa"].generate(
+        outputs["hf_sdpa"] = models["hf_sdpa"].generate(
             prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             use_cache=True, pad_token_id=0,
         )
@@ -109,14 +114,15 @@ def bench_generate(models: dict[str, nn.Module], vocab_size: int, prompt_len: in
     for model in models.values():
         model.eval()
     with torch.no_grad():
-        med = interleaved_medians({"ours manual": lambda: ours("ours manual"), "ours sdpa": lambda: ours("ours sdpa"),
-                                   "HF sdpa": hf}, repeats)
+        med = interleaved_medians({"ours_manual": lambda: ours("ours_manual"), "ours_sdpa": lambda: ours("ours_sdpa"),
+                                   "hf_sdpa": hf}, repeats)
     tokens_per_s = {name: new_tokens / t for name, t in med.items()}
-    row = {"greedy generation": f"1 x {prompt_len} + {new_tokens}",
-           **{f"{n} (tokens/s)": round(v, 1) for n, v in tokens_per_s.items()}}
-    row.update({f"{n} / HF": round(tokens_per_s[n] / tokens_per_s["HF sdpa"], 3) for n in ("ours manual", "ours sdpa")})
-    row["same tokens"] = all(torch.equal(out, outputs["HF sdpa"]) for out in outputs.values())
-    print(markdown_table([row]), flush=True)
+    row = {"greedy_generation": f"1 x {prompt_len} + {new_tokens}",
+           **{f"{n}_tokens_per_s": round(v, 1) for n, v in tokens_per_s.items()}}
+    row.update({f"{n}_vs_hf": round(tokens_per_s[n] / tokens_per_s["hf_sdpa"], 3)
+                for n in ("ours_manual", "ours_sdpa")})
+    row["same_tokens"] = all(torch.equal(out, outputs["hf_sdpa"]) for out in outputs.values())
+    print(markdown_table([row], names=DISPLAY_NAMES), flush=True)
     return row
 
 
@@ -139,7 +145,7 @@ def main() -> None:
     config = GPTConfig.from_preset("gpt2", **setting["config"])
     models = build_models(config)
     print(f"GPT-2 config, {config.n_layer} layers, width {config.n_embd}: "
-          f"{models['ours manual'].num_parameters() / 1e6:.1f}M parameters; torch {torch.__version__}, "
+          f"{models['ours_manual'].num_parameters() / 1e6:.1f}M parameters; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds", flush=True)
     result = {
         "config": asdict(config), "threads": torch.get_num_threads(), "repeats": repeats,

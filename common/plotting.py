@@ -8,7 +8,7 @@ notebook shows each PNG saved to fig/ below the cell that saved it (`common.note
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +100,19 @@ def save_labeled_grids(
     return save_figure(fig, path)
 
 
-def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfmt: str = ".4g") -> str:
-    """Render dict rows as a GitHub markdown table; also write it to `path` when given."""
+def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfmt: str = ".4g",
+                   names: Mapping[str, str] | None = None) -> str:
+    """Render dict rows as a GitHub markdown table; also write it to `path` when given. `names` maps the rows'
+    machine keys to the column headers shown (a key not in it is shown as is)."""
     if not rows:
         raise ValueError("markdown_table needs at least one row")
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    names = names or {}
 
     def fmt(value: object) -> str:
         return format(value, floatfmt) if isinstance(value, float) else str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(names.get(c, c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     if path is not None:
@@ -119,12 +122,14 @@ def markdown_table(rows: Sequence[dict], path: str | Path | None = None, floatfm
 
 
 def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: dict[str, Sequence[str]],
-                      path: str | Path, title: str, errors: dict[str, str] | None = None) -> Path:
+                      path: str | Path, title: str, errors: dict[str, str] | None = None,
+                      names: Mapping[str, str] | None = None) -> Path:
     """One panel per entry of `panels` ({y label: [row keys]}), a group of bars per row, labelled by `label_keys`.
 
-    `errors` maps a row key to the key of its error bar (e.g. a standard error).
+    `errors` maps a row key to the key of its error bar (e.g. a standard error); `names` maps a row key to its
+    legend label (a key not in it is shown as is).
     """
-    errors = errors or {}
+    errors, names = errors or {}, names or {}
     labels = ["\n".join(str(r[k]) for k in label_keys) for r in rows]
     x = np.arange(len(rows))
     panel_width = min(7.0, max(4.0, 0.7 * len(rows) + 1.5))
@@ -134,7 +139,7 @@ def plot_grouped_bars(rows: Sequence[dict], label_keys: Sequence[str], panels: d
         for i, key in enumerate(keys):
             err = [r[errors[key]] for r in rows] if key in errors else None
             ax.bar(x + (i - (len(keys) - 1) / 2) * width, [r.get(key, np.nan) for r in rows], width=width, yerr=err,
-                   capsize=3, label=key)
+                   capsize=3, label=names.get(key, key))
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks(x, labels, fontsize=6 if len(rows) > 4 else 8)
         ax.set_ylabel(ylabel)

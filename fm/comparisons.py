@@ -142,10 +142,10 @@ def compare_finetuning(cfg: LMEnhanceConfig) -> Comparison:
             setup.trainer.fit(setup.step_fn, setup.eval_fn)
         train = setup.trainer.train_log
         rows.append({
-            "method": method, "steps": cfg.ft_steps, "trainable params": trainable,
-            "trainable %": 100 * trainable / total, "peak extra memory (MB)": mem["peak_mb"],
-            "s / step": _mean_after_first(train.column("step_time")[1]),
-            "tokens / s": _mean_after_first(train.column("tokens_per_s")[1]),
+            "method": method, "steps": cfg.ft_steps, "trainable_params": trainable,
+            "trainable_pct": 100 * trainable / total, "peak_extra_memory_mb": mem["peak_mb"],
+            "step_time": _mean_after_first(train.column("step_time")[1]),
+            "tokens_per_s": _mean_after_first(train.column("tokens_per_s")[1]),
         })
         print(f"{method}: memory measured as {mem['method']}")
         del setup
@@ -193,17 +193,17 @@ def compare_preference_losses(cfg: LMEnhanceConfig, sft: PolicyEval, prompts: Se
                                  seed=base.seed, batch_size=base.sample_batch_size, cache=True)
             rate, low, high = win_rate(ev.rewards, sft.rewards)
             rows.append({"loss": LOSS_NAMES[loss], "beta": beta, "seed": seed, "steps": dcfg.steps, **ev.summary(),
-                         "win rate vs SFT": rate, "win CI low": low, "win CI high": high,
-                         "val reward acc": result.eval_rows[-1]["val_rewards/accuracies"],
-                         "train pairs": len(result.train_data),
-                         "s / step": _mean_after_first(column(result.train_rows, "step_time")[1])})
+                         "win_rate": rate, "win_ci_low": low, "win_ci_high": high,
+                         "val_rewards/accuracies": result.eval_rows[-1]["val_rewards/accuracies"],
+                         "train_pairs": len(result.train_data),
+                         "step_time": _mean_after_first(column(result.train_rows, "step_time")[1])})
             evals[name] = ev
             del result
             gc.collect()
     return Comparison(rows, evals=evals)
 
 
-def seed_spread(rows: Sequence[dict], keys: Sequence[str] = ("reward", "KL", "win rate vs SFT", "val reward acc")
+def seed_spread(rows: Sequence[dict], keys: Sequence[str] = ("reward", "kl", "win_rate", "val_rewards/accuracies")
                 ) -> list[dict]:
     """One row per (loss, beta) of `compare_preference_losses`' rows: the number of training seeds and, per metric of
     `keys`, the mean over seeds and the spread (max - min)."""
@@ -213,8 +213,8 @@ def seed_spread(rows: Sequence[dict], keys: Sequence[str] = ("reward", "KL", "wi
         row = {"loss": loss, "beta": beta, "seeds": len(mine)}
         for key in keys:
             values = [r[key] for r in mine]
-            row[f"{key} mean"] = statistics.fmean(values)
-            row[f"{key} spread"] = max(values) - min(values)
+            row[f"{key}_mean"] = statistics.fmean(values)
+            row[f"{key}_spread"] = max(values) - min(values)
         out.append(row)
     return out
 
@@ -250,12 +250,12 @@ def compare_decoding(models: dict[str, nn.Module], reference: nn.Module, tokeniz
             ref_logps = completion_logps(reference, out, pad, batch_size)
             words = [r.split() for r in out.replies]
             rows.append({
-                "model": model_name, "decoding": name, "oracle reward": reward, "reward CI +-": reward - low,
-                "distinct-1": distinct_n(words, 1), "distinct-2": distinct_n(words, 2),
-                "distinct-2 within a reply": statistics.fmean([distinct_n([w], 2) for w in words if len(w) > 1]
-                                                              or [0.0]),
-                "mean words": statistics.fmean(len(w) for w in words),
-                "ref log-prob / token": ref_logps.sum().item() / sum(len(c) for c in out.completion_ids),
+                "model": model_name, "decoding": name, "oracle_reward": reward, "reward_ci_halfwidth": reward - low,
+                "distinct_1": distinct_n(words, 1), "distinct_2": distinct_n(words, 2),
+                "distinct_2_within_reply": statistics.fmean([distinct_n([w], 2) for w in words if len(w) > 1]
+                                                            or [0.0]),
+                "mean_words": statistics.fmean(len(w) for w in words),
+                "ref_logp_per_token": ref_logps.sum().item() / sum(len(c) for c in out.completion_ids),
             })
             samples[f"{model_name}, {name}"] = out.replies[0]
     return Comparison(rows, samples=samples)

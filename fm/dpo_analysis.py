@@ -171,10 +171,10 @@ class PolicyEval:
         kl = self.log_ratios
         tokens = sum(len(c) for c in self.completions.completion_ids)
         words = [r.split() for r in self.completions.replies]
-        return {"policy": self.name, "prompts": len(self.rewards), "reward": reward, "reward CI low": low,
-                "reward CI high": high, "KL": kl.mean().item(), "KL s.e.": (kl.std() / len(kl) ** 0.5).item(),
-                "mean words": statistics.fmean(len(w) for w in words), "distinct-2": distinct_n(words, 2),
-                "ref log-prob / token": self.ref_logps.sum().item() / tokens}
+        return {"policy": self.name, "prompts": len(self.rewards), "reward": reward, "reward_ci_low": low,
+                "reward_ci_high": high, "kl": kl.mean().item(), "kl_se": (kl.std() / len(kl) ** 0.5).item(),
+                "mean_words": statistics.fmean(len(w) for w in words), "distinct_2": distinct_n(words, 2),
+                "ref_logp_per_token": self.ref_logps.sum().item() / tokens}
 
 
 def evaluate_policy(name: str, policy: nn.Module, reference: nn.Module, tokenizer, prompts: Sequence[str],
@@ -213,13 +213,13 @@ def evaluate_policy(name: str, policy: nn.Module, reference: nn.Module, tokenize
 
 def compare_to_baseline(evals: Sequence[PolicyEval], baseline: PolicyEval) -> list[dict]:
     """`PolicyEval.summary` of each policy plus its oracle win rate against `baseline` on the same prompts (ties
-    count half) with the 95 % CI."""
+    count half) with the 95 % CI: `win_rate`, `win_ci_low`, `win_ci_high`."""
     rows = []
     for ev in evals:
         if ev.completions.prompts != baseline.completions.prompts:
             raise ValueError(f"{ev.name} and {baseline.name} were evaluated on different prompts")
         rate, low, high = win_rate(ev.rewards, baseline.rewards)
-        rows.append({**ev.summary(), f"win rate vs {baseline.name}": rate, "win CI low": low, "win CI high": high})
+        rows.append({**ev.summary(), "win_rate": rate, "win_ci_low": low, "win_ci_high": high})
     return rows
 
 

@@ -276,9 +276,9 @@ def kv_cache_benchmark(model: nn.Module, input_ids: torch.Tensor, new_tokens: Se
         cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
         ratios = [u / c for c, u in zip(seconds[True], seconds[False], strict=True)]
         made = n * input_ids.shape[0]
-        rows.append({"new tokens": n, "repeats": repeats, "cached (s)": cached, "uncached (s)": uncached,
-                     "cached tokens/s": made / cached, "uncached tokens/s": made / uncached,
-                     "speed-up": uncached / cached, "speed-up min": min(ratios), "speed-up max": max(ratios),
-                     "work ratio": kv_cache_work_ratio(input_ids.shape[1], n),
-                     "same tokens": same})
+        rows.append({"new_tokens": n, "repeats": repeats, "cached_s": cached, "uncached_s": uncached,
+                     "cached_tokens_per_s": made / cached, "uncached_tokens_per_s": made / uncached,
+                     "speedup": uncached / cached, "speedup_min": min(ratios), "speedup_max": max(ratios),
+                     "work_ratio": kv_cache_work_ratio(input_ids.shape[1], n),
+                     "same_tokens": same})
     return rows

@@ -23,7 +23,7 @@ from common.plotting import markdown_table
 from fm.comparisons import LOSS_NAMES, compare_preference_losses, lm_enhance_config, seed_spread
 from fm.dpo import dpo_config
 from fm.dpo_analysis import evaluate_policy
-from fm.metrics import win_rate
+from fm.metrics import DISPLAY_NAMES, win_rate
 from fm.preference import chitchat_prompts
 from fm.sft import load_or_train_sft
 
@@ -74,7 +74,7 @@ def run_seeds(cfg: SeedsConfig) -> dict:
         if (loss, beta) != first:
             rate, low, high = win_rate(evals[loss, beta, seed].rewards, evals[(*first, seed)].rewards)
             versus.append({"loss": loss, "beta": beta, "seed": seed, "versus": f"{first[0]}, beta={first[1]:g}",
-                           "win rate": rate, "win CI low": low, "win CI high": high})
+                           "win_rate": rate, "win_ci_low": low, "win_ci_high": high})
     return {"profile": cfg.profile, "config": asdict(cfg), "prompts": len(prompts), "runs": result.rows,
             "spread": seed_spread(result.rows), "versus_baseline": versus}
 
@@ -83,11 +83,11 @@ def write_tables(out: dict) -> str:
     """`fig/seeds_fm.md` (the spread table, the head-to-head win rates with their mean over seeds) and
     `fig/seeds_fm.json` of a `run_seeds` result; returns the markdown."""
     versus = out["versus_baseline"]
-    rates = [r["win rate"] for r in versus]
-    head_to_head = markdown_table(versus) + (
+    rates = [r["win_rate"] for r in versus]
+    head_to_head = markdown_table(versus, names=DISPLAY_NAMES | {"win_rate": "win rate"}) + (
         f"\n\nMean over seeds {statistics.fmean(rates):.3f}, spread {max(rates) - min(rates):.3f}" if rates else "")
     text = (f"Preference runs over training seeds ({out['profile']} profile, {out['prompts']} held-out prompts per "
-            f"run): mean and spread (max - min) over seeds\n\n{markdown_table(out['spread'])}\n\n"
+            f"run): mean and spread (max - min) over seeds\n\n{markdown_table(out['spread'], names=DISPLAY_NAMES)}\n\n"
             f"Head to head on the same prompts, per training seed\n\n{head_to_head}\n")
     return write_fig_pair("seeds_fm", text, out)
 

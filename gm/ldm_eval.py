@@ -54,7 +54,7 @@ DISPLAY_NAMES = {"images_from": "images from", "cond_accuracy": "cond. accuracy"
 
 def table(rows: list[dict]) -> str:
     """Markdown table of evaluation rows, machine keys shown by their `DISPLAY_NAMES`."""
-    return markdown_table([{DISPLAY_NAMES.get(k, k): v for k, v in row.items()} for row in rows])
+    return markdown_table(rows, names=DISPLAY_NAMES)
 
 
 def report_samplers(cfg: LDMConfig, process: Process | None = None) -> dict[str, SamplerSpec]:

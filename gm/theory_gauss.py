@@ -21,6 +21,8 @@ from common.checks import DTYPE, Check, ols, randn, seeded_generator, var_and_se
 from common.plotting import new_figure, save_figure
 
 REVERSE_SAMPLERS = ("mean only", "DDPM, noise var dt", "DDPM, exact posterior var", "DDIM")
+SAMPLER_KEYS = dict(zip(REVERSE_SAMPLERS, ("mean_only", "ddpm_noise_var_dt", "ddpm_posterior_var", "ddim"),
+                        strict=True))  # their machine keys in fig/theory_checks.json
 
 
 def reverse_coefficients(sigma2: float, steps: int, sampler: str) -> tuple[Tensor, Tensor]:

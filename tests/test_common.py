@@ -117,6 +117,8 @@ def test_grid_and_table():
     with pytest.raises(ValueError, match="shape"):
         make_grid(torch.rand(4, 4))
     assert markdown_table([{"a": 1, "b": 0.5}]).splitlines()[2] == "| 1 | 0.5 |"
+    # machine keys shown by their display names; a key without one as is
+    assert markdown_table([{"kl_se": 1, "b": 2}], names={"kl_se": "KL s.e."}).splitlines()[0] == "| KL s.e. | b |"
 
 
 @pytest.mark.parametrize("suptitle", [False, True], ids=["axes title", "suptitle"])

@@ -265,7 +265,7 @@ def test_kl_estimate_on_own_samples_matches_the_exact_kl():
                     completion_logps(reference, drawn, 0, batch_size=1000))
     summary = ev.summary()
     assert exact > 0.05  # the two models really differ
-    assert abs(summary["KL"] - exact) < 3 * summary["KL s.e."], (summary["KL"], exact, summary["KL s.e."])
+    assert abs(summary["kl"] - exact) < 3 * summary["kl_se"], (summary["kl"], exact, summary["kl_se"])
 
 
 def test_evaluate_policy_scores_samples_and_the_reference_has_zero_kl():
@@ -279,12 +279,12 @@ def test_evaluate_policy_scores_samples_and_the_reference_has_zero_kl():
     prompts = ["Human: Hi!\n\nAssistant:", "Human: How was your day?\n\nAssistant:", "Human: Any plans?\n\nAssistant:"]
     sft = evaluate_policy("SFT", reference, reference, tok, prompts, max_new_tokens=8, seed=0)
     dpo = evaluate_policy("DPO", policy, reference, tok, prompts, max_new_tokens=8, seed=0)
-    assert sft.log_ratios.abs().max() == 0 and sft.summary()["KL"] == 0
+    assert sft.log_ratios.abs().max() == 0 and sft.summary()["kl"] == 0
     assert torch.equal(sft.rewards, sentiment_reward(sft.completions.replies))
     torch.testing.assert_close(dpo.ref_logps, completion_logps(reference, dpo.completions, tok.eos_token_id))
     rows = compare_to_baseline([sft, dpo], sft)
-    assert rows[0]["win rate vs SFT"] == 0.5 and rows[0]["win CI low"] == rows[0]["win CI high"] == 0.5
-    assert {"reward", "KL", "mean words", "distinct-2", "ref log-prob / token"} <= set(rows[1])
+    assert rows[0]["win_rate"] == 0.5 and rows[0]["win_ci_low"] == rows[0]["win_ci_high"] == 0.5
+    assert {"reward", "kl", "mean_words", "distinct_2", "ref_logp_per_token"} <= set(rows[1])
     summary = dpo_summary("sentiment", 16, sft, dpo, [frontier_point("dpo", 0.1, dpo)], 0.6, 10)
     assert tuple(summary) == SUMMARY_KEYS and summary["source"] == "oracle-sentiment"
     assert summary["n_eval_prompts"] == 3 and summary["frontier"][0]["kl"] == pytest.approx(dpo.log_ratios.mean())

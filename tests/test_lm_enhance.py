@@ -201,13 +201,13 @@ def test_kv_cache_benchmark_same_tokens(tiny_lm):
     model, tokenizer = tiny_lm
     prompts = torch.tensor([tokenizer.encode("Human: Hi!\n\nAssistant:")] * 2)
     rows = kv_cache_benchmark(model, prompts, [4, 8], repeats=3)
-    assert [r["new tokens"] for r in rows] == [4, 8] and all(r["repeats"] == 3 for r in rows)
-    assert all(r["same tokens"] and r["cached (s)"] > 0 and r["uncached (s)"] > 0 for r in rows)
+    assert [r["new_tokens"] for r in rows] == [4, 8] and all(r["repeats"] == 3 for r in rows)
+    assert all(r["same_tokens"] and r["cached_s"] > 0 and r["uncached_s"] > 0 for r in rows)
     for r in rows:  # both rows of the batch count, and the speed-up is the ratio of the median times
-        assert r["cached tokens/s"] == pytest.approx(2 * r["new tokens"] / r["cached (s)"])
-        assert r["speed-up"] == pytest.approx(r["uncached (s)"] / r["cached (s)"])
-        assert r["speed-up min"] <= r["speed-up max"]
-        assert r["work ratio"] == pytest.approx(kv_cache_work_ratio(prompts.shape[1], r["new tokens"]))
+        assert r["cached_tokens_per_s"] == pytest.approx(2 * r["new_tokens"] / r["cached_s"])
+        assert r["speedup"] == pytest.approx(r["uncached_s"] / r["cached_s"])
+        assert r["speedup_min"] <= r["speedup_max"]
+        assert r["work_ratio"] == pytest.approx(kv_cache_work_ratio(prompts.shape[1], r["new_tokens"]))
     with pytest.raises(ValueError, match="repeats"):
         kv_cache_benchmark(model, prompts, [4], repeats=0)
 
@@ -231,9 +231,9 @@ def test_lm_enhance_config_rejects_bad_values(overrides, match):
 def test_seed_spread_means_and_ranges_per_setting():
     from fm.comparisons import seed_spread
 
-    rows = [{"loss": "DPO", "beta": 0.1, "seed": s, "reward": r, "KL": k} for s, r, k in ((0, 0.5, 2.0), (1, 0.7, 4.0))]
-    rows.append({"loss": "IPO", "beta": 0.1, "seed": 0, "reward": 0.6, "KL": 1.0})
-    out = seed_spread(rows, keys=("reward", "KL"))
+    rows = [{"loss": "DPO", "beta": 0.1, "seed": s, "reward": r, "kl": k} for s, r, k in ((0, 0.5, 2.0), (1, 0.7, 4.0))]
+    rows.append({"loss": "IPO", "beta": 0.1, "seed": 0, "reward": 0.6, "kl": 1.0})
+    out = seed_spread(rows, keys=("reward", "kl"))
     assert [(r["loss"], r["seeds"]) for r in out] == [("DPO", 2), ("IPO", 1)]
-    assert out[0]["reward mean"] == pytest.approx(0.6) and out[0]["reward spread"] == pytest.approx(0.2)
-    assert out[0]["KL mean"] == pytest.approx(3.0) and out[1]["KL spread"] == 0.0
+    assert out[0]["reward_mean"] == pytest.approx(0.6) and out[0]["reward_spread"] == pytest.approx(0.2)
+    assert out[0]["kl_mean"] == pytest.approx(3.0) and out[1]["kl_spread"] == 0.0
