@@ -159,7 +159,8 @@ class Lab:
         # started: a prompt shows [*] or has changed; done: none shows [*]
         self.page.wait_for_function(f"() => {{ const p = ({PROMPTS_JS})(); return p.some(t => t.includes('*')) || "
                                     f"JSON.stringify(p) !== {json.dumps(json.dumps(before))}; }}", timeout=30_000)
-        self.page.wait_for_function(f"() => !({PROMPTS_JS})().some(t => t.includes('*'))",
+        # polled every 200 ms, not on every animation frame: the page would take CPU from the kernel
+        self.page.wait_for_function(f"() => !({PROMPTS_JS})().some(t => t.includes('*'))", polling=200,
                                     timeout=NOTEBOOK_TIMEOUT_S * 1000)
 
     def save(self, name: str) -> nbformat.NotebookNode:
