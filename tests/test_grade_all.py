@@ -66,8 +66,8 @@ def _escape_zip(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def graded_class(tmp_path_factory):
+    hand_ins = submitted(tmp_path_factory)  # skips without the sandbox, before anything is built
     release = shared_release(tmp_path_factory)
-    hand_ins = submitted(tmp_path_factory)
     root = tmp_path_factory.mktemp("class")
     subs = root / "submissions"
     subs.mkdir()

@@ -1,8 +1,9 @@
 """`make submit` (`python -m course.submit`) in a student release: the preview grade, the executed notebooks, the
 report and one zip with its manifest.
 
-Two hand-ins, made once per test session (`submitted`, shared with tests/test_grade_all.py, which grades them): the
-solution pasted back into a fresh release, and a release with only task 1.1 done. Each runs the release's own
+Two hand-ins, made once per test session (`submitted`, shared with tests/test_grade_all.py, which grades them; the
+release `shared_release` also with tests/test_browser.py): the solution pasted back into a fresh release, and a
+release with only task 1.1 done. Each runs the release's own
 `python -m course.submit` as `make submit` does (the preview grade: 6 sandboxed workers; notebooks 1_1, and 2_1
 which stops at the first 2.1 function in the 1.1-only release). About 70 s in all on 2 shared cores.
 """
@@ -28,9 +29,9 @@ _SHARED: dict[str, object] = {}  # built once per session, whichever of the two 
 
 
 def shared_release(tmp_path_factory) -> Path:
-    """One fresh student release for the session."""
+    """One fresh student release for the session (without its import check: no sandbox needed to build it). Do not
+    edit it in place: copy it (`student_tree`)."""
     if "release" not in _SHARED:
-        require_sandbox()
         _SHARED["release"] = build_release(tmp_path_factory.mktemp("dist") / "student", check_imports=False).out
     return _SHARED["release"]
 
@@ -55,6 +56,7 @@ def run_submit(tree: Path, student: str, notebooks: str) -> subprocess.Completed
 def submitted(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
     """{"solution": (zip, process), "only-1.1": (zip, process)}, made once per session."""
     if "zips" not in _SHARED:
+        require_sandbox()
         release = shared_release(tmp_path_factory)
         root = tmp_path_factory.mktemp("submit")
         zips = {}
