@@ -110,6 +110,10 @@ def test_quick_and_full_presets_measure_at_least_1000_samples_against_5000_real_
     for dataset in ("mnist", "cifar10"):
         for profile in ("quick", "full"):
             cfg = ldm_config(dataset, profile)
-            assert 10 * cfg.samples_per_class >= 1000 and cfg.reference_size >= 5000
+            # the one exception: quick MNIST measures DDIM on 500 samples (#32 item 6: notebook 2_3 within 15 minutes
+            # on 2 cores; its accuracies sit at 0.93-0.99, where a Wilson interval at n = 500 is about +-2 points),
+            # still above the 300 that #32's ldm.mnist.* keys need
+            least = 500 if (dataset, profile) == ("mnist", "quick") else 1000
+            assert 10 * cfg.samples_per_class >= least and cfg.reference_size >= 5000
             assert 10 * cfg.samples_per_class + cfg.reference_size <= 10_000  # disjoint sets of the test split
             assert cfg.ddpm_samples_per_class >= 5 and cfg.ddim_steps == 50
