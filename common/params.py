@@ -1,4 +1,4 @@
-"""Parameter counts of a module, and the digest of its weights."""
+"""Parameter counts of a module, and the digests of its weights and of a tensor."""
 
 from __future__ import annotations
 
@@ -26,5 +26,17 @@ def weights_digest(module: nn.Module) -> str:
     sha = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
         sha.update(name.encode())
-        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        sha.update(_bytes(tensor))
     return sha.hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-1 (40 hex digits) of a tensor's shape, dtype and values: the identity of a batch in a cache key."""
+    sha = hashlib.sha1(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    sha.update(_bytes(tensor))
+    return sha.hexdigest()
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    # read as uint8 so that any dtype hashes (numpy has no bfloat16)
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -110,10 +110,10 @@ PRESETS = {
     # x0 limit: dynamic thresholding at the 99.5th percentile into [-3, 3] (normalised latents: the MNIST test latents'
     # 99th / 99.9th percentiles of |z| are 2.9 / 3.9); in a probe of the quick MNIST model (DDIM-50, w 4, 300 samples)
     # it raised eta 0 from 0.75 to 0.93 accuracy, static clipping at 3 to 0.92 and at the data's max 6.5 to 0.86.
-    # 2-core CPU, within 15 minutes: 300 images per measurement (100 for DDPM-1000 and DDIM-1000), four etas at 10,
+    # 2-core CPU, within 15 minutes: 300 images per measurement (50 for DDPM-1000 and DDIM-1000), four etas at 10,
     # 20 and 50 steps (100 steps changed nothing over 50 in the quick profile), one retrained variant, the 2.3 model
     # trained twice as long; the flow comparison at the few-step end (10 and 20 network calls): 500 images per point.
-    "quick": dict(profile="quick", samples_per_class=30, ddpm_samples_per_class=10, ddim_steps=(10, 20, 50),
+    "quick": dict(profile="quick", samples_per_class=30, ddpm_samples_per_class=5, ddim_steps=(10, 20, 50),
                   ddim_etas=(0.0, 0.2, 0.5, 1.0), guidance_scales=(0.0, 1.0, 2.0, 4.0, 6.0),
                   variants=("cosine schedule",), x0_clip=3.0, x0_threshold=0.995, longer_training=2.0,
                   flow_calls=(10, 20), flow_samples_per_class=50),

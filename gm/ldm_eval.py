@@ -7,8 +7,9 @@ images (`measure`, `references`), the evaluation rows of every sampler (`evaluat
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor
 from common.checks import wilson_interval
 from common.device import timed
 from common.logging import trailing_mean
+from common.params import weights_digest
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
 from gm.data import CIFAR10_CLASSES, load_dataset, subset_indices
 from gm.diffusion import GaussianDiffusion
@@ -91,6 +93,40 @@ def generate(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = Tru
              generator: torch.Generator | None = None, progress: bool = True) -> Tensor:
     """Images (B, C, 32, 32) in [0, 1] for class `labels` (`generate_with_latents` without the latents)."""
     return generate_with_latents(run, labels, spec, use_ema, generator, progress)[0]
+
+
+# Sample sets drawn in this process, by everything that fixes the draw (`sample_set`), oldest first. 2.4's
+# experiments share sample sets: the step sweep's DDPM-1000 is the gap experiment's, and the guidance, EMA and
+# variant comparisons each repeat one of the sweep's DDIM-50 sets; a set is a few MB of images.
+_SAMPLE_SETS: OrderedDict[tuple, tuple[Tensor, Tensor, float]] = OrderedDict()
+SAMPLE_SETS_KEPT = 32
+
+
+def sample_set(run: LDMRun, spec: SamplerSpec, labels: Tensor, use_ema: bool = True, seed: int = 0,
+               progress: bool = True) -> tuple[Tensor, Tensor, float]:
+    """(images (N, C, 32, 32), normalised latents, seconds of sampling and decoding) for class `labels` (N,), drawn
+    `run.config.sample_batch_size` at a time from one generator seeded with `seed` (`generate_with_latents`).
+
+    The same draw asked again in this process (the same sampling network (weights and settings), VAE weights,
+    sampler, labels, seed and batch size) is returned from memory, with the seconds it took the first time, instead of being sampled again:
+    it would come out the same. The last `SAMPLE_SETS_KEPT` sets are kept.
+    """
+    model = run.ema_model if use_ema else run.model
+    device = next(model.parameters()).device
+    key = (weights_digest(model), repr(model), repr(model.process), weights_digest(run.vae), repr(spec.process),
+           *(getattr(spec, f.name) for f in fields(spec) if f.name != "process"),
+           tuple(labels.tolist()), seed, run.config.sample_batch_size, str(device))
+    if key in _SAMPLE_SETS:
+        _SAMPLE_SETS.move_to_end(key)
+        return _SAMPLE_SETS[key]
+    generator = torch.Generator(device).manual_seed(seed)
+    pairs, seconds = timed(lambda: [generate_with_latents(run, chunk, spec, use_ema, generator, progress)
+                                    for chunk in labels.split(run.config.sample_batch_size)], device)
+    images, latents = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+    _SAMPLE_SETS[key] = images, latents, seconds
+    while len(_SAMPLE_SETS) > SAMPLE_SETS_KEPT:
+        _SAMPLE_SETS.popitem(last=False)
+    return images, latents, seconds
 
 
 def class_labels(samples_per_class: int) -> Tensor:
@@ -189,18 +225,13 @@ def evaluate_ldm(run: LDMRun, classifier: Classifier, samplers: Mapping[str, Sam
               else (samples_per_class or {}).get(name, default_count(spec)) for name, spec in samplers.items()}
     refs = refs or references(run, classifier, NUM_CLASSES * max(counts.values()), seed)
     rows = [dict(r) for r in refs.rows]
-    device = next(model.parameters()).device
     weights = "EMA" if use_ema else "raw"
     process_label = (f"{cfg.schedule}, {cfg.prediction}-pred." if isinstance(model.process, GaussianDiffusion)
                      else cfg.process)
     first_rate = None
     for name, spec in samplers.items():
         labels = class_labels(counts[name])
-        generator = torch.Generator(device).manual_seed(seed)
-        pairs, seconds = timed(lambda s=spec, g=generator, y=labels: [
-            generate_with_latents(run, chunk, s, use_ema, g, progress) for chunk in y.split(cfg.sample_batch_size)],
-            device)
-        images, latents = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+        images, latents, seconds = sample_set(run, spec, labels, use_ema, seed, progress)
         rate = len(labels) / seconds
         first_rate = first_rate or rate
         ddim = spec.process.sampler_name(spec) == "ddim"

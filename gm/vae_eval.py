@@ -13,6 +13,7 @@ from torch import nn
 from common.checks import mean_ci
 from common.logging import column, trailing_mean
 from gm.data import eval_images
+from gm.eval import cached_features
 from gm.loss import kl_divergence
 from gm.model import VAE
 
@@ -31,7 +32,7 @@ def feature_distance(judge: nn.Module, recon: torch.Tensor, images: torch.Tensor
     judge classifier's penultimate features (`judge.features`, e.g. `gm.eval.Classifier`), (N,) in [0, 2]. A
     stand-in for LPIPS (whose weights cannot be downloaded here): it compares what a network trained to recognise
     the images sees, not pixels."""
-    return 1 - F.cosine_similarity(judge.features(recon), judge.features(images), dim=1)
+    return 1 - F.cosine_similarity(judge.features(recon), cached_features(judge, images), dim=1)
 
 
 @torch.no_grad()

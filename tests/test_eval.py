@@ -143,3 +143,23 @@ def test_classifier_is_trained_once_then_loaded():
         assert torch.equal(p.cpu(), q.cpu())
     with pytest.raises(ValueError, match="unknown config key"):
         load_or_train_classifier("mnist", "smoke", widht=3)
+
+
+def test_features_of_the_same_images_are_computed_once_per_weights_and_mode():
+    from gm.eval import cached_features
+
+    classifier = Classifier(1, width=4).eval()
+    calls = []
+    features = classifier.features
+    classifier.features = lambda x: calls.append(len(x)) or features(x)
+    images = torch.rand(5, 1, 32, 32)
+    first = predict(classifier, images, batch_size=2)[1]
+    assert calls == [2, 2, 1]
+    again = predict(classifier, images.clone(), batch_size=2)[1]  # the same values: no new pass
+    assert calls == [2, 2, 1] and torch.equal(first, again)
+    predict(classifier, images, batch_size=5)  # other batches: computed
+    cached_features(classifier.train(), images)  # train mode (batch statistics): computed
+    with torch.no_grad():
+        next(classifier.parameters()).mul_(2)
+    cached_features(classifier.eval(), images)  # other weights: computed
+    assert calls == [2, 2, 1, 5, 5, 5]

@@ -106,6 +106,38 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
     assert report_samplers(cfg)["ddim"].name == "ddim_5"
 
 
+def test_a_sample_set_asked_for_again_is_not_sampled_again(monkeypatch):
+    from collections import OrderedDict
+
+    from gm import ldm_eval
+
+    monkeypatch.setattr(ldm_eval, "_SAMPLE_SETS", OrderedDict())
+    calls = []
+    draw = ldm_eval.generate_with_latents
+    monkeypatch.setattr(ldm_eval, "generate_with_latents", lambda *a, **k: calls.append(a[1].numel()) or draw(*a, **k))
+    cfg = ldm_config("mnist", "smoke", timesteps=20, samples_per_class=2, sample_batch_size=7, progress=False)
+    run = train_ldm(cfg, vae=tiny_vae())
+    classifier = Classifier(1, width=4).eval()
+    spec = SamplerSpec(run.model.process, 5, eta=0.0, guidance_scale=2.0)
+    first = evaluate_ldm(run, classifier, {"a": spec})
+    assert calls == [7, 7, 6]  # 20 images, 7 at a time
+    again = evaluate_ldm(run, classifier, {"b": spec, "c": dataclasses.replace(spec, eta=1.0)})
+    assert len(calls) == 6  # only the new sampler drew
+    assert again[2] == first[2]  # the same images, measured the same, with the first draw's seconds
+    evaluate_ldm(run, classifier, {"a": spec}, samples_per_class=3)  # other labels
+    evaluate_ldm(run, classifier, {"a": spec}, use_ema=False)  # other weights
+    assert len(calls) == 6 + 5 + 3
+    with torch.no_grad():
+        next(run.ema_model.parameters()).add_(0.5)  # the same model object, changed weights: drawn again
+    evaluate_ldm(run, classifier, {"a": spec})
+    assert len(calls) == 6 + 5 + 3 + 3
+    monkeypatch.setattr(ldm_eval, "SAMPLE_SETS_KEPT", 2)
+    evaluate_ldm(run, classifier, {"d": dataclasses.replace(spec, steps=4)})
+    assert len(ldm_eval._SAMPLE_SETS) == 2 and len(calls) == 20  # the newest two kept
+    evaluate_ldm(run, classifier, {"a": spec, "d": dataclasses.replace(spec, steps=4)})
+    assert len(calls) == 20
+
+
 def test_quick_and_full_presets_measure_at_least_1000_samples_against_5000_real_images():
     for dataset in ("mnist", "cifar10"):
         for profile in ("quick", "full"):

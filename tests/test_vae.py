@@ -168,6 +168,15 @@ def test_feature_distance_per_image_values_and_zoomed_crops():
     assert all(v.shape == (40,) for v in per.values())
     assert m["feature_dist"] == pytest.approx(per["feature_dist"].double().mean().item())
     assert m["sharpness"] == pytest.approx(per["sharpness"].double().mean().item()) and m["sharpness_ci95"] > 0
+    # the originals' features are computed once per judge and batch: a second VAE needs its reconstructions' only
+    calls = []
+    features = judge.features
+    judge.features = lambda images: calls.append(len(images)) or features(images)
+    again = evaluate(VAE(1, num_channels=8), "mnist", num_images=40, batch_size=16, judge=judge)
+    assert calls == [16, 16, 8] and again["feature_dist"] != m["feature_dist"]
+    next(judge.parameters()).data.mul_(2)  # another judge (the same object): its own features of the originals
+    evaluate(vae, "mnist", num_images=40, batch_size=16, judge=judge)
+    assert calls == [16, 16, 8] + [16, 16, 16, 16, 8, 8]
     crops = zoomed_crops(torch.arange(2 * 32 * 32, dtype=torch.float32).reshape(2, 1, 32, 32), size=4, scale=3,
                          top_left=(1, 2))
     assert crops.shape == (2, 1, 12, 12) and crops[0, 0, 0, 0].item() == 32 + 2 and crops[0, 0, 0, 3].item() == 33 + 2
