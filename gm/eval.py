@@ -9,7 +9,6 @@ with the same number of images, not with published FID numbers.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,6 +21,7 @@ from common.checks import Interval, wilson_interval
 from common.config import RunConfig, bookkeeping, check, config_digest
 from common.data import batch_indices
 from common.io import atomic_save
+from common.memo import RecentResults
 from common.optim import build_optimizer, warmup_cosine
 from common.params import tensor_digest, weights_digest
 from common.run import Run, read_logs
@@ -151,24 +151,18 @@ class ClassifierRun(Run[ClassifierConfig, Classifier]):
         return wilson_interval(round(self.test_accuracy * self.config.eval_size), self.config.eval_size)
 
 
-# Features of image batches computed in this process, by classifier weights and image values, oldest first. The
-# same real test images are measured against many models: 2.2 scores nine VAEs against the same 2,000 originals, and
-# 2.3 compares three autoencoders with the same 6,000 real images.
-_FEATURES: OrderedDict[tuple[str, str, bool, str], Tensor] = OrderedDict()
-FEATURES_KEPT = 64
+# Features of image batches computed in this process, by classifier and image values. The same real test images are
+# measured against many models: 2.2 scores nine VAEs against the same 2,000 originals, and 2.3 compares three
+# autoencoders with the same 6,000 real images.
+_FEATURES: RecentResults[Tensor] = RecentResults(kept=64)
 
 
 def cached_features(classifier: nn.Module, images: Tensor) -> Tensor:
     """`classifier.features(images)`, (N, feature_dim), detached; from memory when a classifier with the same weights
     and settings (its repr), in the same train/eval mode, featurised the same images (the same values, as one batch)
-    in this process. The last `FEATURES_KEPT` are kept."""
+    in this process (the last 64 such batches are kept)."""
     key = (weights_digest(classifier), repr(classifier), classifier.training, tensor_digest(images))
-    if key not in _FEATURES:
-        _FEATURES[key] = classifier.features(images).detach()
-        while len(_FEATURES) > FEATURES_KEPT:
-            _FEATURES.popitem(last=False)
-    _FEATURES.move_to_end(key)
-    return _FEATURES[key]
+    return _FEATURES.get(key, lambda: classifier.features(images).detach())
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ images (`measure`, `references`), the evaluation rows of every sampler (`evaluat
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor
 from common.checks import wilson_interval
 from common.device import timed
 from common.logging import trailing_mean
+from common.memo import RecentResults
 from common.params import weights_digest
 from common.plotting import make_grid, markdown_table, new_figure, plot_curves, save_figure
 from gm.data import CIFAR10_CLASSES, load_dataset, subset_indices
@@ -95,11 +95,10 @@ def generate(run: LDMRun, labels: Tensor, spec: SamplerSpec, use_ema: bool = Tru
     return generate_with_latents(run, labels, spec, use_ema, generator, progress)[0]
 
 
-# Sample sets drawn in this process, by everything that fixes the draw (`sample_set`), oldest first. 2.4's
-# experiments share sample sets: the step sweep's DDPM-1000 is the gap experiment's, and the guidance, EMA and
-# variant comparisons each repeat one of the sweep's DDIM-50 sets; a set is a few MB of images.
-_SAMPLE_SETS: OrderedDict[tuple, tuple[Tensor, Tensor, float]] = OrderedDict()
-SAMPLE_SETS_KEPT = 32
+# Sample sets drawn in this process, by everything that fixes the draw (`sample_set`). 2.4's experiments share sample
+# sets: the step sweep's DDPM-1000 is the gap experiment's, and the guidance, EMA and variant comparisons each repeat
+# one of the sweep's DDIM-50 sets; a set is a few MB of images.
+_SAMPLE_SETS: RecentResults[tuple[Tensor, Tensor, float]] = RecentResults(kept=32)
 
 
 def sample_set(run: LDMRun, spec: SamplerSpec, labels: Tensor, use_ema: bool = True, seed: int = 0,
@@ -108,25 +107,23 @@ def sample_set(run: LDMRun, spec: SamplerSpec, labels: Tensor, use_ema: bool = T
     `run.config.sample_batch_size` at a time from one generator seeded with `seed` (`generate_with_latents`).
 
     The same draw asked again in this process (the same sampling network (weights and settings), VAE weights,
-    sampler, labels, seed and batch size) is returned from memory, with the seconds it took the first time, instead of being sampled again:
-    it would come out the same. The last `SAMPLE_SETS_KEPT` sets are kept.
+    sampler, labels, seed and batch size) is returned from memory, with the seconds it took the first time, instead
+    of being sampled again: it would come out the same. The last 32 sets are kept.
     """
     model = run.ema_model if use_ema else run.model
     device = next(model.parameters()).device
     key = (weights_digest(model), repr(model), repr(model.process), weights_digest(run.vae), repr(spec.process),
            *(getattr(spec, f.name) for f in fields(spec) if f.name != "process"),
            tuple(labels.tolist()), seed, run.config.sample_batch_size, str(device))
-    if key in _SAMPLE_SETS:
-        _SAMPLE_SETS.move_to_end(key)
-        return _SAMPLE_SETS[key]
-    generator = torch.Generator(device).manual_seed(seed)
-    pairs, seconds = timed(lambda: [generate_with_latents(run, chunk, spec, use_ema, generator, progress)
-                                    for chunk in labels.split(run.config.sample_batch_size)], device)
-    images, latents = (torch.cat(parts) for parts in zip(*pairs, strict=True))
-    _SAMPLE_SETS[key] = images, latents, seconds
-    while len(_SAMPLE_SETS) > SAMPLE_SETS_KEPT:
-        _SAMPLE_SETS.popitem(last=False)
-    return images, latents, seconds
+
+    def draw() -> tuple[Tensor, Tensor, float]:
+        generator = torch.Generator(device).manual_seed(seed)
+        pairs, seconds = timed(lambda: [generate_with_latents(run, chunk, spec, use_ema, generator, progress)
+                                        for chunk in labels.split(run.config.sample_batch_size)], device)
+        images, latents = (torch.cat(parts) for parts in zip(*pairs, strict=True))
+        return images, latents, seconds
+
+    return _SAMPLE_SETS.get(key, draw)
 
 
 def class_labels(samples_per_class: int) -> Tensor:

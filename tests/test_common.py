@@ -302,3 +302,20 @@ def test_make_config_merges_profile_then_data_set_then_overrides():
     assert make_config(Cfg, presets, "quick", dataset="cifar10", steps=3).steps == 3
     with pytest.raises(ValueError, match="unknown config key"):
         make_config(Cfg, presets, "smoke", dataset="x")
+
+
+def test_recent_results_computes_each_key_once_and_drops_the_least_recently_used():
+    from common.memo import RecentResults
+
+    calls = []
+    memo = RecentResults(kept=2)
+
+    def square(x):
+        return lambda: calls.append(x) or x * x
+
+    assert [memo.get(k, square(k)) for k in (2, 3, 2)] == [4, 9, 4] and calls == [2, 3]
+    memo.get(4, square(4))  # 3 was used least recently: dropped
+    assert 2 in memo and 4 in memo and 3 not in memo and len(memo) == 2
+    assert memo.get(3, square(3)) == 9 and calls == [2, 3, 4, 3]
+    with pytest.raises(ValueError, match="kept"):
+        RecentResults(kept=0)

