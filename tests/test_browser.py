@@ -36,7 +36,7 @@ import pytest
 from test_submit import shared_release, student_tree
 
 from common.notebook import png_snapshot, saved_since
-from common.paths import data_dir
+from common.paths import cache_dir, data_dir
 from course.run_notebooks import list_notebooks, output_problems
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -225,7 +225,10 @@ def browser():
 
 @pytest.fixture
 def kernel_env(notebook_dirs) -> dict[str, str]:
-    return {"HW3_PROFILE": "smoke", "HW3_DATA_DIR": str(data_dir()), **notebook_dirs}
+    """The kernel's environment: this checkout's data and decoded-data cache (the copied tree has no .cache/: without
+    it, every data set would be decoded again from its JPEGs), and the session's notebook outputs."""
+    return {"HW3_PROFILE": "smoke", "HW3_DATA_DIR": str(data_dir()), "HW3_CACHE_DIR": str(cache_dir()),
+            **notebook_dirs}
 
 
 def test_every_notebook_in_jupyterlab(browser, kernel_env, notebooks_ran, tmp_path):
