@@ -90,7 +90,7 @@ class LMEnhanceConfig:
 
 PRESETS = {
     "smoke": dict(profile="smoke", ft_steps=2, ft_eval_examples=4, full_lr=1e-3, lora_lr=1e-2, lora_rank=4,
-                  lora_alpha=8.0, variants=(("dpo", 0.1), ("dpo", 0.5), ("cdpo", 0.1), ("ipo", 0.1)), seeds=(0, 1),
+                  lora_alpha=8.0, variants=(("dpo", 0.1), ("cdpo", 0.1), ("ipo", 0.1)), seeds=(0, 1),
                   decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
     # 8 DPO runs (4 beta x 2 seeds) of 1.3's length do not fit the quick budget: 8 steps each (64 pair updates,
     # 0.25 epochs), 32 validation pairs and 48 held-out prompts per point

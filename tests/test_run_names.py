@@ -74,8 +74,6 @@ EXPECTED = {
     "sft/enhance/smoke/rank4": "enhance_lora_smoke_3a9a6c20",
     "dpo/enhance/smoke/dpo_0.1_seed0": "smoke_2976bdc4_sft-a7f380d3",
     "dpo/enhance/smoke/dpo_0.1_seed1": "smoke_8daf2ebb_sft-a7f380d3",
-    "dpo/enhance/smoke/dpo_0.5_seed0": "smoke_576c503e_sft-a7f380d3",
-    "dpo/enhance/smoke/dpo_0.5_seed1": "smoke_1dad217f_sft-a7f380d3",
     "dpo/enhance/smoke/cdpo_0.1_seed0": "smoke_07bb9c1a_sft-a7f380d3",
     "dpo/enhance/smoke/cdpo_0.1_seed1": "smoke_f0503657_sft-a7f380d3",
     "dpo/enhance/smoke/ipo_0.1_seed0": "smoke_3138b82f_sft-a7f380d3",
