@@ -93,8 +93,8 @@ PRESETS = {
                   lora_alpha=8.0, variants=(("dpo", 0.1), ("cdpo", 0.1), ("ipo", 0.1)), seeds=(0, 1),
                   decode_prompts=2, max_new_tokens=6, decode_batch_size=2),
     # 8 DPO runs (4 beta x 2 seeds) of 1.3's length do not fit the quick budget: 8 steps each (64 pair updates,
-    # 0.25 epochs), 32 validation pairs and 48 held-out prompts per point
-    "quick": dict(profile="quick", frontier_steps=8, frontier_val_pairs=32, frontier_prompts=48),
+    # 0.25 epochs), 16 validation pairs and 40 held-out prompts per point (each run ~90 s on 2 cores)
+    "quick": dict(profile="quick", frontier_steps=8, frontier_val_pairs=16, frontier_prompts=40),
     "full": dict(profile="full", ft_steps=200, ft_eval_examples=256,
                  variants=(("dpo", 0.05), ("dpo", 0.1), ("dpo", 0.5), ("dpo", 2.0), ("dpo", 5.0), ("cdpo", 0.1),
                            ("ipo", 0.1), ("ipo", 0.5)), seeds=(0, 1, 2),

@@ -6,7 +6,8 @@ metadata): every preset of every profile and data set, the 1.4 and 2.4 experimen
 on purpose when their adversarial phase went from 200 to 300 steps (#32 item 2) and then to 250 (#32 item 6: 2_2
 within 15 minutes), the CIFAR-10 judge's when it went from 7 to 5 epochs (#32 item 6), and the 1.3 DPO, 1.4
 LoRA-vs-full and 1.4 frontier runs when their presets changed (#31: LoRA DPO of 40 steps; a frontier of beta x
-training seed, named by `fm.comparisons.preference_run_config`; #32 item 6: quick frontier runs of 8 steps, not 12).
+training seed, named by `fm.comparisons.preference_run_config`; #32 item 6: quick frontier runs of 8 steps and 16
+validation pairs, not 12 and 32).
 Unchanged configs of those families kept their digests.
 """
 
@@ -118,14 +119,14 @@ EXPECTED = {
     "dpo/quick": "quick_0985fff1_sft-39656d4f",
     "sft/enhance/quick/rank0": "enhance_full_quick_bebbd7ec",
     "sft/enhance/quick/rank16": "enhance_lora_quick_f8792a3a",
-    "dpo/enhance/quick/dpo_0.05_seed0": "frontier_quick_979de5f3_sft-39656d4f",
-    "dpo/enhance/quick/dpo_0.05_seed1": "frontier_quick_99b71983_sft-39656d4f",
-    "dpo/enhance/quick/dpo_0.1_seed0": "frontier_quick_63dc17b7_sft-39656d4f",
-    "dpo/enhance/quick/dpo_0.1_seed1": "frontier_quick_34023db2_sft-39656d4f",
-    "dpo/enhance/quick/dpo_0.5_seed0": "frontier_quick_79f561c3_sft-39656d4f",
-    "dpo/enhance/quick/dpo_0.5_seed1": "frontier_quick_45330633_sft-39656d4f",
-    "dpo/enhance/quick/dpo_2_seed0": "frontier_quick_c9726530_sft-39656d4f",
-    "dpo/enhance/quick/dpo_2_seed1": "frontier_quick_8873f18c_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.05_seed0": "frontier_quick_0b9c41dd_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.05_seed1": "frontier_quick_e8ca546d_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.1_seed0": "frontier_quick_3d9babc8_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.1_seed1": "frontier_quick_48fa09ba_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.5_seed0": "frontier_quick_cc9b7b0c_sft-39656d4f",
+    "dpo/enhance/quick/dpo_0.5_seed1": "frontier_quick_ae9f1c7b_sft-39656d4f",
+    "dpo/enhance/quick/dpo_2_seed0": "frontier_quick_1320c24f_sft-39656d4f",
+    "dpo/enhance/quick/dpo_2_seed1": "frontier_quick_3dfed86d_sft-39656d4f",
     "vae/quick/mnist": "mnist_kl0.001_gan0_quick_f7f6dee8",
     "vae/quick/mnist/ldm": "mnist_kl1e-06_gan0_quick_8db3c72e",
     "gan/quick/mnist/kl1e-06_gan0_fixed": "mnist_kl1e-06_gan0_quick_4ed71fe7",
