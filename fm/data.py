@@ -265,7 +265,9 @@ def _chitchat_dialogues() -> tuple[tuple[Turn, ...], ...]:
     return tuple(dialogues)
 
 
+@functools.lru_cache(maxsize=2)
 def _chitchat_split(split: str) -> tuple[tuple[Turn, ...], ...]:
+    """The train or validation conversations (immutable: `load_dialogues` hands out lists of their turns)."""
     dialogues = list(_chitchat_dialogues())
     random.Random(SPLIT_SEED).shuffle(dialogues)
     n_val = round(len(dialogues) * VALIDATION_FRACTION)

@@ -27,6 +27,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Sequence
@@ -168,18 +169,26 @@ def chitchat_prompts(split: str, seed: int = 0) -> list[str]:
     """
     if split not in PROMPT_SPLITS:
         raise ValueError(f"split must be one of {PROMPT_SPLITS}, got {split!r}")
+    return list(_shuffled_prompts(split, seed))  # a new list: a caller may slice, extend or shuffle it
+
+
+@functools.lru_cache(maxsize=8)
+def _shuffled_prompts(split: str, seed: int) -> tuple[str, ...]:
+    """`chitchat_prompts`, built once per (split, seed): a notebook asks for the same prompts many times (1.4's
+    preference comparison 14 times), and each build scans every conversation of the split."""
     earlier = {m for s in PROMPT_SPLITS[: PROMPT_SPLITS.index(split)] for m in _human_messages(s)}
     prompts = [format_prompt([("Human", m)]) for m in _human_messages(split) if m not in earlier]
     random.Random(f"{seed}-{split}").shuffle(prompts)
-    return prompts
+    return tuple(prompts)
 
 
-def _human_messages(split: str) -> list[str]:
+@functools.lru_cache(maxsize=len(PROMPT_SPLITS))
+def _human_messages(split: str) -> tuple[str, ...]:
     """The distinct Human messages of 3-20 words of `split`'s conversations (see `chitchat_prompts`), in order."""
     dialogues = load_dialogues("train" if split == "train" else "validation", "chitchat")
     if split != "train":
         dialogues = dialogues[split == "test" :: 2]
-    return list(dict.fromkeys(
+    return tuple(dict.fromkeys(
         text for turns in dialogues for role, text in turns if role == "Human" and 3 <= len(text.split()) <= _MAX_WORDS
     ))
 

@@ -1,10 +1,15 @@
-"""Tests never touch the network and never overwrite the report's figures or checkpoints."""
+"""Tests never touch the network and never overwrite the report's figures or checkpoints.
+
+`make test` runs them in 2 pytest-xdist workers, one core each, with whole modules and GROUPS kept in one worker
+(`pytest_xdist_make_scheduler`); a plain `pytest` runs them in one process, in the same order."""
 
 import os
 
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: one core per worker, for it and what it starts
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -52,10 +57,36 @@ def interrupt_at():
     return run
 
 
-def pytest_collection_modifyitems(items):
-    """The browser tests run after the others (the headless run of a notebook, if any, trains its runs in the shared
-    `notebook_dirs` first), and the `after_notebooks` tests last: they read what every notebook run wrote."""
-    def stage(item) -> int:
-        return 2 if item.get_closest_marker("after_notebooks") else 1 if item.get_closest_marker("browser") else 0
+# Modules that must run in one process, in this order. "notebooks": the session's notebook runs and the checks that
+# read them (`notebook_dirs`, `notebooks_ran`). "grading": every test that starts the grader's sandboxed workers; they
+# share one release and the hand-ins (tests/test_submit.py), and the attack tests find a worker left running by its
+# command line, so no other grading may run beside them. They are also the two longest groups, so they go first.
+GROUPS = {"test_notebooks.py": "notebooks", "test_browser.py": "notebooks", "test_submit.py": "grading",
+          "test_grade_all.py": "grading", "test_course.py": "grading", "test_grade_attacks.py": "grading"}
+ORDER = ("notebooks", "grading")
 
-    items.sort(key=stage)  # stable: keeps the order otherwise
+
+def pytest_collection_modifyitems(items):
+    """The groups first, then the other modules in their order. In "notebooks" the browser tests run after the
+    headless ones (which train their runs in the shared `notebook_dirs` first), and the `after_notebooks` tests last:
+    they read what every notebook run wrote."""
+    def key(item) -> tuple[int, int]:
+        group = GROUPS.get(item.path.name)
+        stage = 2 if item.get_closest_marker("after_notebooks") else 1 if item.get_closest_marker("browser") else 0
+        return ORDER.index(group) if group else len(ORDER), stage
+
+    items.sort(key=key)  # stable: keeps the order otherwise
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`make test` runs `pytest -n 2`), whatever --dist says: each module runs whole in one worker
+    (its module fixtures are built once) and so does each of GROUPS, in the collection's order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return GROUPS.get(module.rsplit("/", 1)[-1], module)
+
+    config.option.loadscopereorder = False  # keep the collection's order: the longest groups start first
+    return ModuleScheduling(config, log)

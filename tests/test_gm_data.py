@@ -114,6 +114,21 @@ def test_cifar_imagefolder_decodes_once_then_reads_cache(empty_dirs, monkeypatch
     assert torch.equal(x2, x) and torch.equal(y2, y)
 
 
+def test_cifar_imagefolder_reads_jpeg_and_grayscale_files_as_rgb(empty_dirs):
+    folder = empty_dirs / "cifar10" / "test" / "cat"
+    folder.mkdir(parents=True)
+    gray = _random_uint8((32, 32), seed=5)
+    ramp = np.arange(32, dtype=np.uint8) * 8
+    color = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], np.uint8(128)), axis=-1)  # smooth: JPEG-safe
+    Image.fromarray(gray).save(folder / "0000.png")  # mode L: converted, each channel the gray value
+    Image.fromarray(color).save(folder / "0001.JPG", quality=95)  # lossy, upper-case suffix
+    x, y = load_cifar10("test")
+    assert y.tolist() == [3, 3] and x.shape == (2, 3, 32, 32)
+    pixels = (x * 255).round().to(torch.uint8)
+    assert torch.equal(pixels[0], torch.from_numpy(gray).expand(3, 32, 32))
+    assert (pixels[1].int() - torch.from_numpy(color).permute(2, 0, 1).int()).abs().float().mean() < 4
+
+
 def test_cifar_imagefolder_rejects_unknown_class(empty_dirs):
     (empty_dirs / "cifar10" / "test" / "unicorn").mkdir(parents=True)
     with pytest.raises(ValueError, match="unicorn"):

@@ -141,6 +141,36 @@ class LikesLineBreaks(torch.nn.Module):
         return out
 
 
+class CountingVocab:
+    """A tokenizer of one-text tokens that counts its decodes."""
+
+    eos_token_id = 0
+
+    def __init__(self, texts: list[str]):
+        self.texts, self.decodes = texts, 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def decode(self, ids: list[int]) -> str:
+        self.decodes += 1
+        return "".join(self.texts[i] for i in ids)
+
+
+def test_line_end_ids_decode_the_vocabulary_once_per_tokenizer_and_size():
+    from fm.generate import line_end_ids
+
+    vocab = CountingVocab(["<eos>", "a", "\n", "b\n", "c"])
+    ends = line_end_ids(vocab)
+    assert ends == [0, 2, 3] and vocab.decodes == 5
+    ends.append(4)  # the caller's own list
+    assert line_end_ids(vocab) == [0, 2, 3] and vocab.decodes == 5
+    vocab.texts.append("\n\n")  # a token added (as a pad is): the vocabulary is decoded again
+    assert line_end_ids(vocab) == [0, 2, 3, 5] and vocab.decodes == 11
+    other = CountingVocab(["<eos>", "\n"])
+    assert line_end_ids(other) == [0, 1] and other.decodes == 2
+
+
 def test_a_reply_is_one_line_and_its_ids_are_the_sampled_ones(tiny_lm):
     from fm.generate import line_end_ids, sample_completions
 

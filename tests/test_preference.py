@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from common.params import weights_digest
-from fm.data import IGNORE_INDEX
+from fm.data import IGNORE_INDEX, load_dialogues
 from fm.preference import (
     KINDS,
     brush_offs,
@@ -136,6 +136,25 @@ def test_chitchat_prompts_are_single_turn_and_held_out():
     assert chitchat_prompts("test") == test and chitchat_prompts("test", seed=1) != test
     with pytest.raises(ValueError, match="split"):
         chitchat_prompts("eval")
+
+
+def test_chitchat_prompts_are_built_once_and_handed_out_as_new_lists(monkeypatch):
+    import fm.preference as preference
+
+    calls = []
+    monkeypatch.setattr(preference, "load_dialogues", lambda *a: calls.append(a) or load_dialogues(*a))
+    preference._human_messages.cache_clear()
+    preference._shuffled_prompts.cache_clear()
+    try:
+        first = chitchat_prompts("test")
+        built = len(calls)  # one per split's messages: test prompts leave out the train and validation messages
+        first.append("changed by a caller")
+        again = chitchat_prompts("test")
+        assert len(calls) == built == 3 and again == first[:-1] and again is not first
+        assert chitchat_prompts("test", seed=1) != again and len(calls) == built  # another shuffle of the same messages
+    finally:  # the next test must not see messages built from this test's wrapper
+        preference._human_messages.cache_clear()
+        preference._shuffled_prompts.cache_clear()
 
 
 @pytest.fixture
