@@ -38,7 +38,7 @@ from course.regions import PACKAGES, PRIVATE_SOURCES, Region, RegionError, scan_
 from course.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
-TREES = (*PACKAGES, "notebooks", "tests", "grading", "course")
+TREES = (*PACKAGES, "notebooks", "tests", "grading", "course", "bench")  # bench: the GPU probe, and tests import it
 TOP_FILES = ("Makefile", "requirements.txt", "requirements-offline.txt", "pyproject.toml", ".gitignore")
 PRIVATE = ("grading/hidden", "tests/test_course.py", "tests/test_report.py", "tests/test_theory.py",
            "tests/test_grade_attacks.py", "tests/test_browser.py", "tests/test_submit.py", "tests/test_grade_all.py",

@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,17 @@ def test_release_imports_cleanly(release):
     proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=release, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(release), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_release_tests_collect(release):
+    """A student's `make test` in the release collects every shipped test module (none imports a private one)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=release, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(release), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = {m.group(1) for m in re.finditer(r"^(tests/test_\w+\.py)(?:::|: \d+$)", proc.stdout, re.MULTILINE)}
+    shipped = {f"tests/{p.name}" for p in (release / "tests").glob("test_*.py")}
+    assert collected == shipped and "tests/test_notebooks.py" in shipped
 
 
 RUN_CELLS = """
